@@ -1,0 +1,70 @@
+"""Connect a job to Ray: reuse the Ray of this process, join a cluster, or start a private local one.
+
+Three cases, in this order:
+
+1. Ray is already initialised in this process (a test fixture, a notebook): use it as it is and
+   leave it running afterwards.
+2. `RAY_ADDRESS` is set (a shell pointed at a cluster, or a driver started by `ray job submit`,
+   which sets it): join that cluster. Non-secret S3 settings of this process (`AWS_ENDPOINT_URL`,
+   region, `MRCNN_S3_MAX_ATTEMPTS`) are forwarded to the workers through the job's runtime
+   environment; credentials never are (a runtime environment is visible in the dashboard), so the
+   cluster's nodes need their own (instance roles, or the job's `--runtime-env`).
+3. Otherwise start a new local Ray (`address="local"`, so that a stray cluster of another user on
+   the same machine is never joined by accident) with the dashboard, when its dependencies are
+   installed, bound to 127.0.0.1 only: the dashboard and job API have had no authentication by
+   default (CVE-2023-48022). Ray refuses a loopback node address for its own services, which Ray
+   2.60 protects with token authentication by default (`RAY_AUTH_MODE=token`, on since 2.52; keep
+   it on for clusters too). Reach a remote dashboard through an SSH tunnel.
+
+Ray started here is shut down when the `ray_session` block ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOCALHOST = "127.0.0.1"
+
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MRCNN_S3_MAX_ATTEMPTS",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The non-secret storage settings of this process that Ray workers must see too."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
+    """Make Ray usable inside the block (see the module docstring for which Ray).
+
+    `num_cpus` / `num_gpus` size a local Ray started here (None: what the machine has); they are
+    ignored when an existing Ray is used, whose resources are the cluster's.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {"env_vars": forwarded_env()}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            dashboard_host=LOCALHOST,
+            runtime_env=runtime_env,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
