@@ -1,0 +1,124 @@
+"""Turn per-RoI mask probabilities into COCO compressed RLE at image resolution, box by box.
+
+`masks_to_rle` gives, byte for byte, what torchvision's `paste_masks_in_image` followed by a
+threshold and `pycocotools.mask.encode` give, without ever building an `H x W` mask: each mask is
+resized to its (expanded, integer) box exactly as torchvision does it, the part inside the image is
+thresholded, and the run lengths of the full image are read off that crop. Everything outside a box
+is zero, so in COCO's column-major order the full image is one zero run before the first crop
+column, a zero run between consecutive crop columns, and one after the last.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import _mask as coco_mask
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+# torchvision pastes masks with one pixel of zero padding around the M x M grid (and the box grown
+# by the same factor), so that the mask falls off smoothly at the box border.
+PASTE_PADDING = 1
+
+
+def masks_to_rle(
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    height: int,
+    width: int,
+    threshold: float = 0.5,
+) -> list[bytes]:
+    """COCO compressed RLE `counts` of each detection's binary mask in an image of `height x width`.
+
+    Args:
+        mask_probs: float[N, 1, M, M] mask probabilities per RoI (float32, float64, or half on GPU).
+        boxes: float[N, 4] boxes x1, y1, x2, y2 in pixels of the `height x width` image.
+        height, width: the image size the masks are pasted into.
+        threshold: a pixel is in the mask when its pasted probability is `> threshold`; at least 0,
+            so that the zeros outside every box stay out of the mask.
+
+    Returns:
+        N `bytes` objects, equal to `pycocotools.mask.encode(np.asfortranarray(m))["counts"]` where
+        `m = (paste_masks_in_image(mask_probs, boxes, (height, width)) > threshold)[i, 0]` (eager
+        torchvision, on the device of `mask_probs`). A box whose pasted region lies wholly outside
+        the image gives the empty mask (torchvision raises for most of those boxes).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"masks_to_rle: image size must be positive, got {height}x{width}")
+    if not threshold >= 0:
+        raise ValueError(f"masks_to_rle: threshold must be >= 0, got {threshold}")
+    if mask_probs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"masks_to_rle: {mask_probs.shape[0]} masks but {boxes.shape[0]} boxes")
+    if mask_probs.shape[0] == 0:
+        return []
+    padded, scale = expand_masks(mask_probs, padding=PASTE_PADDING)
+    int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+
+    # One flat buffer holds, per detection, a leading 0, its visible crop in column-major order with
+    # a 0 after each column (standing for the zeros between columns; left out when the crop spans
+    # the full image height, because then columns touch), and a trailing 0. A change of value
+    # anywhere in it is a run boundary of that detection's full-image RLE.
+    layouts = []
+    total = 0
+    for x0, y0, x1, y1 in int_boxes:
+        vx0, vx1 = max(x0, 0), min(x1 + 1, width)
+        vy0, vy1 = max(y0, 0), min(y1 + 1, height)
+        visible_w, visible_h = max(vx1 - vx0, 0), max(vy1 - vy0, 0)
+        if visible_w == 0 or visible_h == 0:
+            visible_w = visible_h = 0
+        stride = visible_h + (1 if visible_h < height else 0)
+        layouts.append((total, vx0, vy0, visible_w, visible_h, stride))
+        total += 2 + visible_w * stride
+
+    device = mask_probs.device
+    flat = torch.zeros(total, dtype=torch.bool, device=device)
+    for i, ((x0, y0, x1, y1), (start, vx0, vy0, vw, vh, stride)) in enumerate(
+        zip(int_boxes, layouts, strict=True)
+    ):
+        if vw == 0:
+            continue
+        box_w, box_h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        resized = F.interpolate(
+            padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False
+        )[0, 0]
+        crop = resized[vy0 - y0 : vy0 - y0 + vh, vx0 - x0 : vx0 - x0 + vw]
+        columns = flat[start + 1 : start + 1 + vw * stride].view(vw, stride)[:, :vh]
+        torch.gt(crop.t(), threshold, out=columns)
+
+    bits = flat.cpu().numpy()
+    changes = np.flatnonzero(bits[1:] != bits[:-1]) + 1
+    return _counts_from_changes(changes, np.array(layouts, dtype=np.int64), height, width)
+
+
+def _counts_from_changes(
+    changes: np.ndarray, layouts: np.ndarray, height: int, width: int
+) -> list[bytes]:
+    """Compressed RLE per detection from the buffer indexes where the value changes.
+
+    `layouts` is int64[N, 6]: buffer start, visible x0, y0, width, height, column stride.
+    """
+    starts = layouts[:, 0]
+    owner = np.searchsorted(starts, changes, side="right") - 1
+    offset = changes - starts[owner] - 1
+    column, row = np.divmod(offset, layouts[owner, 5])
+    positions = (layouts[owner, 1] + column) * height + layouts[owner, 2] + row
+    area = height * width
+    # The trailing 0 of a crop that ends in the image's last pixel maps to `area`: not a boundary.
+    inside = positions < area
+    positions, owner = positions[inside], owner[inside]
+    bounds = np.searchsorted(owner, np.arange(len(layouts) + 1))
+    uncompressed = [
+        {
+            "size": [height, width],
+            "counts": np.diff(positions[lo:hi], prepend=0, append=area).astype(np.uint32),
+        }
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return [rle["counts"] for rle in coco_mask.frUncompressedRLE(uncompressed, height, width)]
+
+
+def rle_to_mask(counts: bytes | str, height: int, width: int) -> np.ndarray:
+    """Decode COCO compressed RLE `counts` into a uint8[height, width] mask of 0 and 1."""
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return coco_mask.decode([{"size": [height, width], "counts": counts}])[:, :, 0]
