@@ -1,0 +1,120 @@
+"""Load model weights from a local file, `s3://`, or torchvision's COCO checkpoints by name.
+
+Weights are only ever read with `torch.load(weights_only=True)`: a checkpoint is data, and a file
+that needs pickled code to load (a payload, or torchvision's reference checkpoints with their
+pickled argparse Namespace) is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import torch
+from torch import nn
+from torchvision.models import get_model_weights
+
+from mrcnn import storage
+
+TORCHVISION_PREFIX = "torchvision:"
+
+# The torchvision builders whose COCO weights fit our presets, and the preset each one matches.
+TORCHVISION_PRESETS: dict[str, str] = {
+    "maskrcnn_resnet50_fpn": "r50-fpn",
+    "maskrcnn_resnet50_fpn_v2": "r50-fpn-v2",
+}
+
+
+class WeightsError(Exception):
+    """Weights that cannot be found, read, trusted or fitted to the model; the message is one line."""
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """The state_dict stored at `uri` (local path, `s3://`, or `torchvision:<builder name>`).
+
+    A file holding `{"model": state_dict, ...}` (a training checkpoint) is accepted too.
+    """
+    if uri.startswith(TORCHVISION_PREFIX):
+        return _torchvision_state_dict(uri[len(TORCHVISION_PREFIX) :])
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as error:
+        raise WeightsError(str(error)) from error
+    return _load_trusted(io.BytesIO(data), uri)
+
+
+def load_weights(model: nn.Module, uri: str) -> nn.Module:
+    """Load the weights at `uri` into `model` with `strict=True` and return the model."""
+    state = read_state_dict(uri)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        missing, unexpected = _key_differences(model, state)
+        raise WeightsError(
+            f"{uri}: weights do not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; or shapes differ: "
+            f"{str(error).splitlines()[-1].strip()})"
+        ) from error
+    return model
+
+
+def torchvision_categories(builder: str) -> list[str]:
+    """Names of the classes of torchvision's COCO weights for `builder`, index = label."""
+    return list(_torchvision_weights(builder).meta["categories"])
+
+
+def _load_trusted(stream: io.BytesIO, uri: str) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise WeightsError(
+            f"{uri}: refused to load: the file needs pickled code, not only tensors "
+            f"(save a plain state_dict with torch.save(model.state_dict(), path))"
+        ) from error
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise WeightsError(f"{uri}: not a torch checkpoint ({_first_line(error)})") from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        loaded = loaded["model"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"{uri}: not a state_dict (expected a mapping of names to tensors)")
+    return loaded
+
+
+def _torchvision_weights(builder: str):
+    if builder not in TORCHVISION_PRESETS:
+        raise WeightsError(
+            f"{TORCHVISION_PREFIX}{builder}: unknown torchvision model "
+            f"(choose from {', '.join(TORCHVISION_PREFIX + name for name in TORCHVISION_PRESETS)})"
+        )
+    return get_model_weights(builder).DEFAULT
+
+
+def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
+    """torchvision's COCO weights from the torch hub cache, downloading them if a network exists."""
+    weights = _torchvision_weights(builder)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.exists(cached):
+        with open(cached, "rb") as file:
+            return _load_trusted(io.BytesIO(file.read()), cached)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            weights.url, progress=False, check_hash=True, weights_only=True
+        )
+    except Exception as error:  # urllib raises many types; all mean "not downloadable here".
+        raise WeightsError(
+            f"{TORCHVISION_PREFIX}{builder}: weights are not in the torch hub cache and could not be "
+            f"downloaded ({_first_line(error)}); fetch {weights.url} to {cached} "
+            f"(or set TORCH_HOME), or pass a local or s3:// path to the file"
+        ) from error
+    return state
+
+
+def _key_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
