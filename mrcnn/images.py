@@ -63,8 +63,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height} pixels, "
-                    f"over the limit of {max_pixels}"
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.load()
             image = ImageOps.exif_transpose(image)
