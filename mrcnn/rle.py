@@ -78,9 +78,9 @@ def masks_to_rle(
         if vw == 0:
             continue
         box_w, box_h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        resized = F.interpolate(
-            padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False
-        )[0, 0]
+        resized = F.interpolate(padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
         crop = resized[vy0 - y0 : vy0 - y0 + vh, vx0 - x0 : vx0 - x0 + vw]
         columns = flat[start + 1 : start + 1 + vw * stride].view(vw, stride)[:, :vh]
         torch.gt(crop.t(), threshold, out=columns)
@@ -90,9 +90,7 @@ def masks_to_rle(
     return _counts_from_changes(changes, np.array(layouts, dtype=np.int64), height, width)
 
 
-def _counts_from_changes(
-    changes: np.ndarray, layouts: np.ndarray, height: int, width: int
-) -> list[bytes]:
+def _counts_from_changes(changes: np.ndarray, layouts: np.ndarray, height: int, width: int) -> list[bytes]:
     """Compressed RLE per detection from the buffer indexes where the value changes.
 
     `layouts` is int64[N, 6]: buffer start, visible x0, y0, width, height, column stride.
