@@ -248,14 +248,16 @@ def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict | str:
     if isinstance(segmentation, list):
         # A polygon needs 3 points; pycocotools would read 4 numbers as a box, so drop such
         # parts here and keep the object if any part is left.
-        parts = [
-            [float(value) for value in part]
-            for part in segmentation
-            if isinstance(part, list) and all(map(_is_finite, part))
-        ]
-        if len(parts) != len(segmentation):
-            return MALFORMED
-        parts = [part for part in parts if len(part) >= 6 and len(part) % 2 == 0]
+        parts = []
+        for part in segmentation:
+            try:
+                coordinates = np.asarray(part, dtype=np.float64)
+            except (TypeError, ValueError):
+                return MALFORMED
+            if coordinates.ndim != 1 or not np.isfinite(coordinates).all():
+                return MALFORMED
+            if coordinates.size >= 6 and coordinates.size % 2 == 0:
+                parts.append(coordinates)
         if not parts:
             return SHORT_POLYGON
         return mask_utils.merge(mask_utils.frPyObjects(parts, height, width))

@@ -80,6 +80,7 @@ DEGENERATE = [
     annotation(18, 42, 3, [[10, 5, 20, 5, 20, 15]], [10, 5, 10, 10]),  # unknown image
     annotation(19, 1, 3, {"size": [10, 10], "counts": [0, 100]}, [0, 0, 5, 5]),  # wrong size
     annotation(20, 1, 3, {"size": [HEIGHT, WIDTH], "counts": [5, 5]}, [0, 0, 5, 5]),  # short
+    annotation(21, 2, 3, [[1, 1, "x", 9, 9, 1]], [1, 1, 8, 8]),  # not a number
 ]
 
 EXPECTED_SKIPS = {
@@ -88,7 +89,7 @@ EXPECTED_SKIPS = {
     coco.EMPTY_MASK: 2,
     coco.UNKNOWN_CATEGORY: 1,
     coco.UNKNOWN_IMAGE: 1,
-    coco.MALFORMED: 2,
+    coco.MALFORMED: 3,
 }
 
 
@@ -160,7 +161,7 @@ def test_degenerate_annotations_are_counted_in_one_warning(tmp_path, caplog):
     warnings = [r for r in caplog.records if r.name == "mrcnn.coco"]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    assert f"skipped 11 of {len(GOOD) + len(DEGENERATE)} annotations" in message
+    assert f"skipped 12 of {len(GOOD) + len(DEGENERATE)} annotations" in message
     assert f"3 {coco.EMPTY_BOX}" in message
     assert f"2 {coco.SHORT_POLYGON}" in message
     assert uri in message
