@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -110,3 +111,67 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def iter_files(uri: str) -> Iterator[str]:
+    """Yield the URI of every file under the folder or prefix `uri`, recursively, as it is listed.
+
+    Nothing is collected first, so a prefix of millions of objects costs memory for one page
+    (S3: 1,000 keys per `ListObjectsV2` page through boto3's paginator; pyarrow's recursive
+    `get_file_info` would return the whole listing at once). S3 keys come in lexicographic
+    order; local entries are sorted per directory, so the order is stable from run to run.
+    Local symbolic links to directories are not followed (no cycles). A missing local folder
+    raises `StorageError`; a missing S3 prefix lists nothing, as S3 has no folders.
+    """
+    if is_s3(uri):
+        yield from _iter_s3_files(uri)
+        return
+    _, root = resolve(uri)
+    if not os.path.isdir(root):
+        raise StorageError(f"{uri}: not a folder")
+    yield from _iter_local_files(root)
+
+
+def _iter_local_files(folder: str) -> Iterator[str]:
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _iter_local_files(entry.path)
+        elif entry.is_file():
+            yield entry.path
+
+
+def _iter_s3_files(uri: str) -> Iterator[str]:
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket")
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    attempts = int(os.environ.get(S3_MAX_ATTEMPTS_ENV, DEFAULT_S3_MAX_ATTEMPTS))
+    # boto3 reads AWS_ENDPOINT_URL(_S3), the region and the credential chain from the
+    # environment itself, as pyarrow does in `s3_filesystem`.
+    client = boto3.client(
+        "s3", config=botocore.config.Config(retries={"max_attempts": attempts, "mode": "standard"})
+    )
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):
+                    yield f"s3://{bucket}/{item['Key']}"
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise StorageError(f"{uri}: cannot list ({_one_line(error)})") from error
+
+
+def delete(uri: str) -> None:
+    """Delete the file or object `uri`; nothing happens when it does not exist."""
+    filesystem, path = resolve(uri)
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise StorageError(f"{uri}: cannot delete ({_one_line(error)})") from error

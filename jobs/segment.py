@@ -1,0 +1,166 @@
+"""Segment every image of a folder, an S3 prefix or a manifest into Parquet rows, with Ray Data.
+
+    python -m jobs.segment --input s3://bucket/photos --output s3://bucket/masks \\
+        --model s3://bucket/run/model --batch-size 8 --actors 1-4 --score-threshold 0.5
+
+`--input` is a folder or `s3://bucket/prefix` (images by extension, recursively), a `.txt`
+manifest (one URI per line) or a `.parquet` manifest with a `path` column. `--model` is a model
+folder exported by `jobs.train` (local or s3://) or `torchvision:maskrcnn_resnet50_fpn_v2`. The
+output gets one row per input image (schema in `pipeline.output`), and `OUTPUT/_SUCCESS.json`
+with the counts at the end. Re-running the same command after a crash or a kill processes only
+the inputs that have no row yet. With `RAY_ADDRESS` set the job runs on that cluster; otherwise on
+a local Ray of `--num-cpus` CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mrcnn.model_folder import ModelError, load_spec
+from mrcnn.storage import StorageError
+from pipeline.listing import InputError, check_input
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, minimum, maximum=None, *, above: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < minimum or (above and value == minimum) or (maximum is not None and value > maximum):
+            bound = f"above {minimum}" if above else f"at least {minimum}"
+            bound += f" and at most {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def actor_range(text: str) -> tuple[int, int]:
+    """`N` -> (N, N), a fixed pool; `MIN-MAX` -> (MIN, MAX), an autoscaling pool."""
+    low, _, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return bounds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="python -m jobs.segment", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--input", required=True, help="folder, s3://bucket/prefix, .txt or .parquet manifest"
+    )
+    parser.add_argument("--output", required=True, help="output folder (local or s3://)")
+    parser.add_argument("--model", required=True, help="model folder (local or s3://) or torchvision:<name>")
+    parser.add_argument(
+        "--batch-size", type=_number(int, 1), default=4, help="images per inference batch (default 4)"
+    )
+    parser.add_argument(
+        "--actors",
+        type=actor_range,
+        default=(1, 1),
+        metavar="N|MIN-MAX",
+        help="inference actors: a fixed number or an autoscaling range (default 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=_number(float, 0.0),
+        default=1.0,
+        help="GPUs per inference actor when the cluster has GPUs (default 1; 0: CPU actors)",
+    )
+    parser.add_argument(
+        "--cpus-per-actor",
+        type=_number(float, 0.0, above=True),
+        default=1.0,
+        help="CPUs per inference actor, and its torch threads (default 1)",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=_number(float, 0.0, 1.0),
+        default=0.5,
+        help="keep detections scoring above it (default 0.5)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_number(int, 1),
+        default=100_000_000,
+        help="images with more pixels (from the header) become error rows (default 100000000)",
+    )
+    parser.add_argument(
+        "--limit", type=_number(int, 1), default=None, help="only the first N inputs of the listing"
+    )
+    parser.add_argument(
+        "--rows-per-file",
+        type=_number(int, 1),
+        default=256,
+        help="rows per committed Parquet file (default 256)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=_number(int, 1),
+        default=None,
+        help="CPUs of the local Ray started when RAY_ADDRESS is not set (default: all)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = check_input(args.input, args.limit)
+        load_spec(args.model)
+    except (InputError, ModelError, StorageError) as error:
+        print(f"segment: error: {error}", file=sys.stderr)
+        return 2
+
+    from pipeline.ray_runtime import ray_session
+    from pipeline.segment import SegmentConfig, run_segmentation
+
+    config = SegmentConfig(
+        input=spec,
+        output_uri=args.output,
+        model_uri=args.model,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        score_threshold=args.score_threshold,
+        max_pixels=args.max_pixels,
+        rows_per_file=args.rows_per_file,
+    )
+    try:
+        with ray_session(num_cpus=args.num_cpus):
+            report = run_segmentation(config)
+    except StorageError as error:
+        print(f"segment: error: {error}", file=sys.stderr)
+        return 1
+    summary = report.to_dict()
+    print(
+        f"segment: {summary['new_images']} images ({summary['new_errors']} errors, "
+        f"{summary['new_instances']} instances) in {summary['seconds']:.1f} s, "
+        f"{summary['images_per_second']:.2f} images/s; output {args.output} holds "
+        f"{summary['images']} images, {summary['errors']} errors, {summary['instances']} instances "
+        f"in {summary['files']} files"
+    )
+    if report.output.duplicate_paths:
+        shown = ", ".join(report.output.duplicate_paths[:3])
+        print(
+            f"segment: error: {len(report.output.duplicate_paths)} paths have more than one row "
+            f"(e.g. {shown}); _SUCCESS.json not written",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The segmentation output: its Parquet schema, exactly-once commits, the done set and the summary.
+
+Exactly-once from at-least-once: Ray retries tasks and restarts actors, so a batch can be
+processed twice, and a killed job is run again. Every batch of rows is committed as one Parquet
+file named after its content, `part-<sha1 of the batch's sorted input paths>.parquet`, written in
+one piece with `mrcnn.storage.write_bytes` (local: a hidden temporary file renamed into place; S3:
+one PUT, atomic; a batch file is far below pyarrow's 10 MB multipart threshold). A retried batch
+rewrites the same name with the same rows, so nothing is duplicated, and a reader never sees a
+partial file (pyarrow, DuckDB and pandas skip `.`/`_` names). A re-run reads only the `path` column
+of the committed files, keeps their 64-bit hashes (`committed_path_hashes`, 8 bytes per row) and
+the lister drops those inputs, so each input gets a row once over any sequence of kills and
+re-runs. Two distinct paths share a 64-bit hash with probability about n^2 / 2^65 (1e-7 for a
+million inputs, 3e-4 for a hundred million); such an input would be skipped, and `summarize`
+counts rows and checks that no path appears twice. At the end `_SUCCESS.json` is written (atomically,
+like every file here) with the counts, and deleted when a new run starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mrcnn import storage
+
+SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("category_ids", pa.list_(pa.int32())),
+        pa.field("categories", pa.list_(pa.string())),
+        pa.field("scores", pa.list_(pa.float32())),
+        pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        pa.field("masks", pa.list_(pa.string())),
+        pa.field("error", pa.string()),
+        pa.field("model", pa.string()),
+    ]
+)
+"""One row per input image; see issue 5 and the README for the meaning of each column."""
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+SUCCESS_FILE = "_SUCCESS.json"
+# Rows per record batch when scanning committed files (the done set and the summary).
+SCAN_BATCH_ROWS = 65536
+
+
+def part_name(paths: Iterable[str]) -> str:
+    """The file name of the batch holding `paths`: the same paths give the same name."""
+    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()
+    return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
+
+
+def commit_part(table: pa.Table, output_uri: str) -> str:
+    """Write `table` (exactly `SCHEMA`) under `output_uri` as one file, atomically; returns its URI."""
+    if not table.schema.equals(SCHEMA):
+        raise ValueError(f"commit_part: the table's schema is not the output schema:\n{table.schema}")
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    uri = storage.join(output_uri, part_name(table.column("path").to_pylist()))
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def path_hashes(paths: Iterable[str]) -> np.ndarray:
+    """`uint64[N]`: a 64-bit BLAKE2b hash of each path, stable across processes and runs."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+            for path in paths
+        ),
+        dtype=np.uint64,
+    )
+
+
+def part_files(output_uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The committed part files directly under `output_uri` (none when it does not exist yet)."""
+    filesystem, path = storage.resolve(output_uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        info.path
+        for info in infos
+        if info.type == pafs.FileType.File
+        and info.base_name.startswith(PART_PREFIX)
+        and info.base_name.endswith(PART_SUFFIX)
+    )
+    return filesystem, names
+
+
+def _scan(
+    output_uri: str, columns: list[str], listed: tuple[pafs.FileSystem, list[str]] | None = None
+) -> Iterable[pa.RecordBatch]:
+    filesystem, files = listed or part_files(output_uri)
+    if not files:
+        return
+    dataset = pads.dataset(files, schema=SCHEMA, filesystem=filesystem, format="parquet")
+    yield from dataset.to_batches(columns=columns, batch_size=SCAN_BATCH_ROWS)
+
+
+def committed_path_hashes(output_uri: str) -> np.ndarray:
+    """Sorted unique `uint64[D]` hashes of the paths already committed under `output_uri`."""
+    chunks = [path_hashes(batch.column(0).to_pylist()) for batch in _scan(output_uri, ["path"])]
+    if not chunks:
+        return np.zeros(0, np.uint64)
+    return np.unique(np.concatenate(chunks))
+
+
+def prepare(output_uri: str) -> None:
+    """Get `output_uri` ready for a run: no stale `_SUCCESS.json`, no temporaries of killed writers."""
+    storage.delete(storage.join(output_uri, SUCCESS_FILE))
+    filesystem, path = storage.resolve(output_uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.create_dir(path, recursive=True)
+        for info in filesystem.get_file_info(pafs.FileSelector(path)):
+            # `storage.write_bytes` names its temporaries `.<target>.<uuid>.tmp`.
+            if info.base_name.startswith("." + PART_PREFIX) and info.base_name.endswith(".tmp"):
+                filesystem.delete_file(info.path)
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    """What the output holds: rows (`images`), error rows, instances, files; paths seen twice."""
+
+    images: int
+    errors: int
+    instances: int
+    files: int
+    duplicate_paths: tuple[str, ...]
+
+
+def summarize(output_uri: str) -> OutputSummary:
+    """Count the committed rows and check that no path appears twice (one scan of three columns)."""
+    listed = part_files(output_uri)
+    images = errors = instances = 0
+    chunks = []
+    for batch in _scan(output_uri, ["path", "error", "scores"], listed):
+        images += batch.num_rows
+        errors += batch.num_rows - batch.column(1).null_count
+        instances += int(pc.sum(pc.list_value_length(batch.column(2))).as_py() or 0)
+        chunks.append(path_hashes(batch.column(0).to_pylist()))
+    hashes = np.concatenate(chunks) if chunks else np.zeros(0, np.uint64)
+    values, counts = np.unique(hashes, return_counts=True)
+    suspects = values[counts > 1]
+    duplicates: tuple[str, ...] = ()
+    if suspects.size:
+        # Equal hashes of different paths are collisions, not duplicates: compare the paths.
+        seen: dict[str, int] = {}
+        for batch in _scan(output_uri, ["path"], listed):
+            paths = batch.column(0).to_pylist()
+            for path in np.asarray(paths, dtype=object)[np.isin(path_hashes(paths), suspects)]:
+                seen[path] = seen.get(path, 0) + 1
+        duplicates = tuple(sorted(path for path, count in seen.items() if count > 1))
+    return OutputSummary(images, errors, instances, len(listed[1]), duplicates)
+
+
+def write_success(output_uri: str, report: dict) -> str:
+    """Write `report` as `OUTPUT/_SUCCESS.json`, atomically; returns its URI."""
+    uri = storage.join(output_uri, SUCCESS_FILE)
+    storage.write_bytes(uri, (json.dumps(report, indent=2) + "\n").encode())
+    return uri
+

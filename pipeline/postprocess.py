@@ -1,0 +1,54 @@
+"""Turn the inference actor's detections into output rows: RLE masks, category ids and names.
+
+Runs on CPU tasks after the actor pool. Masks are encoded box by box with
+`mrcnn.rle.masks_to_rle` (byte-identical to pasting into a full-size image, thresholding at 0.5 and
+`pycocotools.mask.encode`, without ever building the full-size mask).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mrcnn.categories import Category
+from mrcnn.rle import masks_to_rle
+from pipeline.output import SCHEMA
+
+MASK_THRESHOLD = 0.5
+
+
+def rows_from_detections(
+    batch: dict[str, np.ndarray], categories: tuple[Category, ...], model_uri: str
+) -> pa.Table:
+    """One output row (`pipeline.output.SCHEMA`) per row of an inference batch.
+
+    `batch` is what `pipeline.inference.Segmenter` returns; the model's label `i` is
+    `categories[i - 1]`. An error row keeps its path and error, null width/height when the image
+    could not be read (0 from decode), and empty instance lists.
+    """
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for row, path in enumerate(batch["path"]):
+        width, height = int(batch["width"][row]), int(batch["height"][row])
+        error = str(batch["error"][row])
+        boxes = np.asarray(batch["boxes"][row], np.float32).reshape(-1, 4)
+        labels = np.asarray(batch["labels"][row], np.int64).reshape(-1)
+        masks: list[str] = []
+        if len(boxes):
+            probs = torch.from_numpy(np.asarray(batch["mask_probs"][row], np.float32))
+            counts = masks_to_rle(
+                probs.unsqueeze(1), torch.from_numpy(boxes), height, width, MASK_THRESHOLD
+            )
+            masks = [c.decode("ascii") for c in counts]
+        found = [categories[label - 1] for label in labels.tolist()]
+        columns["path"].append(str(path))
+        columns["width"].append(width or None)
+        columns["height"].append(height or None)
+        columns["category_ids"].append([c.id for c in found])
+        columns["categories"].append([c.name for c in found])
+        columns["scores"].append(np.asarray(batch["scores"][row], np.float32).reshape(-1).tolist())
+        columns["boxes"].append(boxes.tolist())
+        columns["masks"].append(masks)
+        columns["error"].append(error or None)
+        columns["model"].append(model_uri)
+    return pa.table(columns, schema=SCHEMA)

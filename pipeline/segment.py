@@ -1,0 +1,173 @@
+"""Build and run the bulk segmentation dataset: list -> decode -> infer -> RLE + commit -> summary.
+
+Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressure):
+
+1. `PathDatasource` (`pipeline.listing`): one read task streams the inputs not yet in the
+   output, `batch_size` paths per block; it reserves no CPU.
+2. `decode_batch` (`pipeline.decode`): CPU tasks read and decode each block, shrink the images to
+   the model's input size, and turn bad files into error rows.
+3. `Segmenter` (`pipeline.inference`): an actor pool, fixed (`actors=(N, N)`) or autoscaling
+   (`(MIN, MAX)`), each actor loading the model once; `num_gpus=gpus_per_actor` when the cluster has
+   GPUs, CPU actors of `cpus_per_actor` CPUs (and as many torch threads) otherwise.
+4. `finish_batch`: CPU tasks encode the masks (`pipeline.postprocess`) and commit every
+   `rows_per_file` rows as one Parquet file (`pipeline.output.commit_part`), returning one small
+   row of counts. Files are decoupled from inference batches: a few hundred rows per file suit
+   readers better than one tiny file per batch, and a kill loses at most that much work per task.
+
+The driver only iterates over those count rows (Ray Data's progress bar shows the stages) and
+then checks the output (`pipeline.output.summarize`): rows, errors, instances, and that no path
+appears twice. Exactly-once and resume are described in `pipeline.output`.
+
+Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
+would decode on the inference actor; the actors' runtime environment (their `OMP_NUM_THREADS`)
+differs from the decode tasks', which keeps decoding on CPU tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from mrcnn.categories import Category
+from mrcnn.model_folder import load_spec
+from pipeline import output
+from pipeline.decode import decode_batch
+from pipeline.inference import Segmenter
+from pipeline.listing import InputSpec, PathDatasource
+from pipeline.postprocess import rows_from_detections
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """One segmentation job; the fields mirror the flags of `jobs.segment`."""
+
+    input: InputSpec
+    output_uri: str
+    model_uri: str
+    batch_size: int = 4
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0
+    score_threshold: float = 0.5
+    max_pixels: int = 100_000_000
+    rows_per_file: int = 256
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """What a run did (`new_*`, `seconds`) and what the output now holds (`output`)."""
+
+    new_images: int
+    new_errors: int
+    new_instances: int
+    seconds: float
+    output: output.OutputSummary
+
+    @property
+    def images_per_second(self) -> float:
+        return self.new_images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """The `_SUCCESS.json` content: output totals first, then this run's figures."""
+        return {
+            "images": self.output.images,
+            "errors": self.output.errors,
+            "instances": self.output.instances,
+            "files": self.output.files,
+            "duplicate_paths": len(self.output.duplicate_paths),
+            "new_images": self.new_images,
+            "new_errors": self.new_errors,
+            "new_instances": self.new_instances,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+        }
+
+
+def finish_batch(
+    batch: dict[str, np.ndarray], *, categories: tuple[Category, ...], model_uri: str, output_uri: str
+) -> dict[str, np.ndarray]:
+    """Encode and commit one inference batch; returns one row of counts for the driver."""
+    table = rows_from_detections(batch, categories, model_uri)
+    output.commit_part(table, output_uri)
+    return {
+        "images": np.array([table.num_rows]),
+        "errors": np.array([table.num_rows - table.column("error").null_count]),
+        "instances": np.array([sum(len(ids) for ids in table.column("category_ids").to_pylist())]),
+    }
+
+
+def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
+    """The lazy dataset of per-batch counts; iterating it runs the job."""
+    spec = load_spec(config.model_uri)
+    use_gpu = config.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    threads = max(1, int(config.cpus_per_actor))
+    low, high = config.actors
+    dataset = ray.data.read_datasource(
+        PathDatasource(config.input, rows_per_block=config.batch_size, done=done),
+        override_num_blocks=1,
+        num_cpus=0,
+    )
+    dataset = dataset.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "max_pixels": config.max_pixels,
+            "min_size": spec.min_size,
+            "max_size": spec.max_size,
+        },
+        batch_format="numpy",
+    )
+    dataset = dataset.map_batches(
+        Segmenter,
+        fn_constructor_kwargs={
+            "model_uri": config.model_uri,
+            "score_threshold": config.score_threshold,
+            "num_threads": threads,
+            "use_gpu": use_gpu,
+        },
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor if use_gpu else None,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    )
+    return dataset.map_batches(
+        finish_batch,
+        batch_size=config.rows_per_file,
+        fn_kwargs={
+            "categories": spec.categories,
+            "model_uri": config.model_uri,
+            "output_uri": config.output_uri,
+        },
+        batch_format="numpy",
+    )
+
+
+def run_segmentation(config: SegmentConfig) -> SegmentReport:
+    """Segment every input of `config` not yet in the output, then check and summarise the output.
+
+    Ray must be initialised (see `pipeline.ray_runtime`). `_SUCCESS.json` is written only when
+    the output passed the check (no path twice).
+    """
+    start = time.perf_counter()
+    output.prepare(config.output_uri)
+    done_hashes = output.committed_path_hashes(config.output_uri)
+    done = ray.put(done_hashes) if done_hashes.size else None
+    counts = {"images": 0, "errors": 0, "instances": 0}
+    for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
+        for name in counts:
+            counts[name] += int(batch[name].sum())
+    seconds = time.perf_counter() - start
+    report = SegmentReport(
+        new_images=counts["images"],
+        new_errors=counts["errors"],
+        new_instances=counts["instances"],
+        seconds=seconds,
+        output=output.summarize(config.output_uri),
+    )
+    if not report.output.duplicate_paths:
+        output.write_success(config.output_uri, report.to_dict())
+    return report
