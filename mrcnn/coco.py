@@ -97,7 +97,11 @@ def read_coco(annotations_uri: str, images_root: str) -> CocoDataset:
     """Read a COCO instances JSON; image `file_name`s are relative to `images_root`.
 
     Degenerate annotations are dropped from `images` and logged in ONE warning (logger
-    "mrcnn.coco") that counts them by reason. Raises `CocoError` naming the URI when the file
+    "mrcnn.coco") that counts them by reason: unknown image or category id, a box of zero or
+    negative area or outside the image (after clipping), a polygon with fewer than 3 points, a
+    mask that is empty or entirely outside the image, a malformed bbox or segmentation (an RLE
+    of another size, counts that do not cover the image). Crowd regions are kept; `build_target`
+    separates them. Raises `CocoError` naming the URI when the file
     is missing, is not JSON, or lacks the images/categories a COCO instances file has.
     """
     try:
@@ -116,7 +120,10 @@ def read_coco(annotations_uri: str, images_root: str) -> CocoDataset:
     kept: dict[int, list[dict]] = {image_id: [] for image_id in sizes}
     skipped: Counter[str] = Counter()
     for annotation in annotations:
-        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        if not isinstance(annotation, dict):
+            skipped[MALFORMED] += 1
+            continue
+        image_id = annotation.get("image_id")
         if not isinstance(image_id, int) or image_id not in sizes:
             skipped[UNKNOWN_IMAGE] += 1
             continue

@@ -177,6 +177,14 @@ def test_clean_dataset_logs_nothing(tmp_path, caplog):
     assert caplog.records == []
 
 
+def test_annotation_that_is_not_an_object_is_malformed(tmp_path):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(dict(ground_truth(), annotations=["oops", GOOD[0]])))
+    dataset = coco.read_coco(str(path), str(tmp_path))
+    assert dataset.skipped == {coco.MALFORMED: 1}
+    assert dataset.images[0].annotations == (GOOD[0],)
+
+
 def test_target_of_polygons_and_rle_matches_pycocotools(dataset, tmp_path):
     target = target_of(dataset, 1)
     assert target["boxes"].dtype == np.float32
