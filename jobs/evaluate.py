@@ -1,0 +1,149 @@
+"""Score the Parquet output of `jobs.segment` against COCO annotations (COCOeval bbox and segm).
+
+    python -m jobs.evaluate --predictions s3://bucket/masks --annotations s3://bucket/val/annotations.json \\
+        --images-root s3://bucket/val/images --json eval.json
+
+Each row is matched to the COCO image whose `file_name` its path ends with (at a `/`), or, with
+`--images-root`, whose `IMAGES_ROOT/file_name` is its path. Every annotated image is evaluated: one
+without a row counts its objects as missed, and the counts of matched and unmatched images and
+rows are printed first. Then COCOeval's two summaries; `--json OUT` writes
+`{"bbox": {"AP": ..., ...}, "segm": {...}}` with the 12 stats under their names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from mrcnn import storage
+from mrcnn.evaluation import detections_from_prediction, evaluate_coco, format_summary
+
+COLUMNS = ["path", "width", "height", "category_ids", "scores", "boxes", "masks", "error"]
+
+
+class EvaluationError(Exception):
+    """Predictions or annotations that cannot be evaluated together; the message is one line."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--predictions", required=True, help="output folder of jobs.segment (local or s3://)")
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON (local or s3://)")
+    parser.add_argument(
+        "--images-root", default=None, help="folder of the images: match rows by IMAGES_ROOT/file_name"
+    )
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the stats as JSON here")
+    return parser
+
+
+def image_index(ground_truth: dict, images_root: str | None) -> dict[str, dict]:
+    """The key a row's path is looked up with -> the COCO image record."""
+    if images_root is None:
+        return {image["file_name"].lstrip("/"): image for image in ground_truth["images"]}
+    filesystem, root = storage.resolve(images_root)
+    base = storage.to_uri(filesystem, root)
+    return {storage.join(base, image["file_name"]): image for image in ground_truth["images"]}
+
+
+def match(path: str, index: dict[str, dict], by_suffix: bool) -> dict | None:
+    """The image whose key equals `path`, or (`by_suffix`) equals one of its `/`-suffixes."""
+    if not by_suffix:
+        return index.get(path)
+    parts = path.split("/")
+    for start in range(len(parts)):
+        image = index.get("/".join(parts[start:]))
+        if image is not None:
+            return image
+    return None
+
+
+def read_detections(predictions_uri: str, ground_truth: dict, images_root: str | None) -> tuple[list, dict]:
+    """COCO result dicts of the rows that match an annotated image, and the matching counts."""
+    index = image_index(ground_truth, images_root)
+    filesystem, path = storage.resolve(predictions_uri)
+    try:
+        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+        batches = dataset.to_batches(columns=COLUMNS)
+    except FileNotFoundError as error:
+        raise EvaluationError(f"{predictions_uri}: no such predictions folder") from error
+    except (pa.ArrowException, OSError) as error:
+        raise EvaluationError(f"{predictions_uri}: cannot read predictions ({error})") from error
+    detections: list[dict] = []
+    matched: set[int] = set()
+    counts = {"rows": 0, "error_rows": 0, "unmatched_rows": 0}
+    for batch in batches:
+        for row in batch.to_pylist():
+            counts["rows"] += 1
+            image = match(row["path"], index, by_suffix=images_root is None)
+            if image is None:
+                counts["unmatched_rows"] += 1
+                continue
+            if image["id"] in matched:
+                raise EvaluationError(f"{row['path']}: a second row for image {image['file_name']}")
+            matched.add(image["id"])
+            if row["error"] is not None:
+                counts["error_rows"] += 1
+                continue
+            if (row["width"], row["height"]) != (image["width"], image["height"]):
+                raise EvaluationError(
+                    f"{row['path']}: the row is {row['width']}x{row['height']} but the annotations "
+                    f"say {image['width']}x{image['height']}"
+                )
+            detections += detections_from_prediction(
+                image["id"],
+                row["boxes"],
+                row["scores"],
+                row["category_ids"],
+                [counts_text.encode("ascii") for counts_text in row["masks"]],
+                row["height"],
+                row["width"],
+            )
+    counts["matched_images"] = len(matched)
+    counts["images"] = len(ground_truth["images"])
+    return detections, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ground_truth = json.loads(storage.read_bytes(args.annotations))
+        for key in ("images", "annotations", "categories"):
+            if key not in ground_truth:
+                raise EvaluationError(f"{args.annotations}: not a COCO instances file (no {key!r})")
+        detections, counts = read_detections(args.predictions, ground_truth, args.images_root)
+    except (EvaluationError, storage.StorageError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(
+        f"evaluate: {counts['matched_images']} of {counts['images']} annotated images have a row "
+        f"({counts['error_rows']} of them error rows); {counts['rows']} rows, "
+        f"{counts['unmatched_rows']} not in the annotations; {len(detections)} detections"
+    )
+    if counts["matched_images"] < counts["images"]:
+        print(
+            f"evaluate: warning: {counts['images'] - counts['matched_images']} annotated images have "
+            f"no row; their objects count as missed",
+            file=sys.stderr,
+        )
+    stats = evaluate_coco(ground_truth, detections)
+    print(format_summary(stats))
+    if args.json:
+        try:
+            storage.write_bytes(args.json, (json.dumps(stats, indent=2) + "\n").encode())
+        except storage.StorageError as error:
+            print(f"evaluate: error: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
