@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import _mask as coco_mask
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.roi_heads import expand_boxes
 
 # torchvision pastes masks with one pixel of zero padding around the M x M grid (and the box grown
 # by the same factor), so that the mask falls off smoothly at the box border.
@@ -51,7 +51,11 @@ def masks_to_rle(
         raise ValueError(f"masks_to_rle: {mask_probs.shape[0]} masks but {boxes.shape[0]} boxes")
     if mask_probs.shape[0] == 0:
         return []
-    padded, scale = expand_masks(mask_probs, padding=PASTE_PADDING)
+    # The scale and padding of torchvision's `expand_masks`, applied mask by mask below: ops on all N
+    # masks at once are big enough for torch to run them on several threads, which for work this
+    # small costs more than it saves, and far more on a busy machine.
+    mask_size = mask_probs.shape[-1]
+    scale = float(mask_size + 2 * PASTE_PADDING) / mask_size
     int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
 
     # One flat buffer holds, per detection, a leading 0, its visible crop in column-major order with
@@ -70,17 +74,16 @@ def masks_to_rle(
         layouts.append((total, vx0, vy0, visible_w, visible_h, stride))
         total += 2 + visible_w * stride
 
-    device = mask_probs.device
-    flat = torch.zeros(total, dtype=torch.bool, device=device)
+    # numpy's zeros are pages the OS zero-fills on first touch: free for the parts never written.
+    flat = torch.from_numpy(np.zeros(total, dtype=np.bool_)).to(mask_probs.device)
     for i, ((x0, y0, x1, y1), (start, vx0, vy0, vw, vh, stride)) in enumerate(
         zip(int_boxes, layouts, strict=True)
     ):
         if vw == 0:
             continue
         box_w, box_h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        resized = F.interpolate(padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False)[
-            0, 0
-        ]
+        padded = F.pad(mask_probs[i : i + 1], (PASTE_PADDING,) * 4)
+        resized = F.interpolate(padded, size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
         crop = resized[vy0 - y0 : vy0 - y0 + vh, vx0 - x0 : vx0 - x0 + vw]
         columns = flat[start + 1 : start + 1 + vw * stride].view(vw, stride)[:, :vh]
         torch.gt(crop.t(), threshold, out=columns)
@@ -104,13 +107,18 @@ def _counts_from_changes(changes: np.ndarray, layouts: np.ndarray, height: int, 
     # The trailing 0 of a crop that ends in the image's last pixel maps to `area`: not a boundary.
     inside = positions < area
     positions, owner = positions[inside], owner[inside]
-    bounds = np.searchsorted(owner, np.arange(len(layouts) + 1))
+    # Each detection's run lengths are the differences of [0, its boundaries..., area]: frame every
+    # detection's boundaries that way in one array (np.insert keeps equal indexes in the given order)
+    # and take the differences inside each frame.
+    n = len(layouts)
+    bounds = np.searchsorted(owner, np.arange(n + 1))
+    framed = np.insert(positions, np.repeat(bounds, 2)[1:-1], np.tile([0, area], n))
+    runs = np.diff(framed).astype(np.uint32)
+    first = bounds[:-1] + 2 * np.arange(n)
+    last = bounds[1:] + 2 * np.arange(n) + 1
     uncompressed = [
-        {
-            "size": [height, width],
-            "counts": np.diff(positions[lo:hi], prepend=0, append=area).astype(np.uint32),
-        }
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        {"size": [height, width], "counts": runs[lo:hi]}
+        for lo, hi in zip(first.tolist(), last.tolist(), strict=True)
     ]
     return [rle["counts"] for rle in coco_mask.frUncompressedRLE(uncompressed, height, width)]
 
