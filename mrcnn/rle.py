@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import _mask as coco_mask
+from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import expand_boxes
 
 # torchvision pastes masks with one pixel of zero padding around the M x M grid (and the box grown
@@ -21,6 +21,7 @@ from torchvision.models.detection.roi_heads import expand_boxes
 PASTE_PADDING = 1
 
 
+@torch.no_grad()
 def masks_to_rle(
     mask_probs: torch.Tensor,
     boxes: torch.Tensor,
@@ -120,11 +121,11 @@ def _counts_from_changes(changes: np.ndarray, layouts: np.ndarray, height: int, 
         {"size": [height, width], "counts": runs[lo:hi]}
         for lo, hi in zip(first.tolist(), last.tolist(), strict=True)
     ]
-    return [rle["counts"] for rle in coco_mask.frUncompressedRLE(uncompressed, height, width)]
+    return [rle["counts"] for rle in mask_util.frPyObjects(uncompressed, height, width)]
 
 
 def rle_to_mask(counts: bytes | str, height: int, width: int) -> np.ndarray:
     """Decode COCO compressed RLE `counts` into a uint8[height, width] mask of 0 and 1."""
     if isinstance(counts, str):
         counts = counts.encode("ascii")
-    return coco_mask.decode([{"size": [height, width], "counts": counts}])[:, :, 0]
+    return mask_util.decode({"size": [height, width], "counts": counts})

@@ -136,3 +136,11 @@ def test_bad_arguments_raise_value_error():
         masks_to_rle(probs, boxes[:2], 10, 10)
     with pytest.raises(ValueError, match="image size"):
         masks_to_rle(probs, boxes, 0, 10)
+
+
+def test_mask_probs_that_require_grad():
+    probs, boxes = random_detections(5, 20, 30, seed=6)
+
+    got = masks_to_rle(probs.requires_grad_(), boxes, 20, 30)
+
+    assert got == encode(pasted_masks(probs.detach(), boxes, 20, 30))
