@@ -56,9 +56,9 @@ class Preset:
 R50_FPN = Preset(name="r50-fpn", backbone="resnet50", heads="v1")
 R50_FPN_V2 = Preset(name="r50-fpn-v2", backbone="resnet50", heads="v2")
 
-# The quickstart's model: shapes images are 128 px with objects of 12-64 px, so anchors start at
-# 16 px and the image is upsampled to 192 px, which keeps the smallest objects above one stride of
-# P3. Narrow heads: the mask FCN dominates the step time on a CPU at full width.
+# The quickstart's model: shapes images are 128 px with objects of 13-64 px, so anchors start at
+# 16 px and images keep their size. Narrow FPN and heads: on a CPU the mask FCN and RoIAlign's
+# backward dominate the step at full width.
 SMALL = Preset(
     name="small",
     backbone="resnet18",
@@ -67,8 +67,8 @@ SMALL = Preset(
     mask_head_channels=(64, 64, 64, 64),
     box_representation=256,
     anchor_sizes=(16, 32, 64, 128, 256),
-    min_size=192,
-    max_size=192,
+    min_size=128,
+    max_size=128,
     rpn_pre_nms_top_n_train=600,
     rpn_post_nms_top_n_train=300,
     rpn_pre_nms_top_n_test=300,

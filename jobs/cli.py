@@ -1,0 +1,36 @@
+"""What every entry point shares: an argument parser whose errors are one line, and bounded numbers."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one line naming it and exit code 2, without the usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def bounded(
+    kind: Callable[[str], int | float],
+    minimum: float,
+    maximum: float | None = None,
+    *,
+    above: bool = False,
+) -> Callable[[str], int | float]:
+    """An argparse `type` accepting `kind` values >= minimum (> with `above`) and <= maximum."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < minimum or (above and value == minimum) or (maximum is not None and value > maximum):
+            bound = f"above {minimum}" if above else f"at least {minimum}"
+            bound += f" and at most {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
