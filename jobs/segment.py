@@ -144,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segment: error: {error}", file=sys.stderr)
         return 1
     summary = report.to_dict()
+    repaired = summary["repaired_duplicates"]
     print(
         f"segment: {summary['new_images']} images ({summary['new_errors']} errors, "
         f"{summary['new_instances']} instances) in {summary['seconds']:.1f} s, "
         f"{summary['images_per_second']:.2f} images/s; output {args.output} holds "
         f"{summary['images']} images, {summary['errors']} errors, {summary['instances']} instances "
         f"in {summary['files']} files"
+        + (f"; removed {repaired} duplicate rows of a killed run" if repaired else "")
     )
     if report.output.duplicate_paths:
         shown = ", ".join(report.output.duplicate_paths[:3])

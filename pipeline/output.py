@@ -10,9 +10,16 @@ partial file (pyarrow, DuckDB and pandas skip `.`/`_` names). A re-run reads onl
 of the committed files, keeps their 64-bit hashes (`committed_path_hashes`, 8 bytes per row) and
 the lister drops those inputs, so each input gets a row once over any sequence of kills and
 re-runs. Two distinct paths share a 64-bit hash with probability about n^2 / 2^65 (1e-7 for a
-million inputs, 3e-4 for a hundred million); such an input would be skipped, and `summarize`
-counts rows and checks that no path appears twice. At the end `_SUCCESS.json` is written (atomically,
-like every file here) with the counts, and deleted when a new run starts.
+million inputs, 3e-4 for a hundred million); such an input would be skipped.
+
+One race is left: when a driver dies, its Ray workers outlive it for a moment (they notice that
+their raylet or job is gone), and a task in the middle of a commit can still write its file after
+a re-run has read the done set, so a path can land in two files. At the end of every run
+`summarize` counts the rows and looks for paths that appear twice; `remove_duplicates` then
+rewrites the files holding the extra copies without them (new content-named file first, old file
+deleted after, so a kill in between leaves duplicates for the next run to repair, never a lost
+row). `_SUCCESS.json` is written (atomically, like every file here) only for an output in which
+every path has one row, and is deleted when a new run starts.
 """
 
 from __future__ import annotations
@@ -161,6 +168,30 @@ def summarize(output_uri: str) -> OutputSummary:
                 seen[path] = seen.get(path, 0) + 1
         duplicates = tuple(sorted(path for path, count in seen.items() if count > 1))
     return OutputSummary(images, errors, instances, len(listed[1]), duplicates)
+
+
+def remove_duplicates(output_uri: str, duplicate_paths: Iterable[str]) -> int:
+    """Keep one row per path of `duplicate_paths` (the one in the first file by name); returns
+    the number of rows removed. Only files holding one of those paths are read and rewritten."""
+    duplicates = set(duplicate_paths)
+    filesystem, files = part_files(output_uri)
+    kept: set[str] = set()
+    removed = 0
+    for file in files:
+        paths = pq.read_table(file, columns=["path"], filesystem=filesystem).column(0).to_pylist()
+        drop = []
+        for path in paths:
+            drop.append(path in kept)
+            if path in duplicates:
+                kept.add(path)
+        if not any(drop):
+            continue
+        table = pq.read_table(file, filesystem=filesystem, schema=SCHEMA).filter(pc.invert(pa.array(drop)))
+        rewritten = commit_part(table, output_uri) if table.num_rows else None
+        if rewritten is None or storage.resolve(rewritten)[1] != file:
+            filesystem.delete_file(file)
+        removed += sum(drop)
+    return removed
 
 
 def write_success(output_uri: str, report: dict) -> str:

@@ -58,13 +58,14 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class SegmentReport:
-    """What a run did (`new_*`, `seconds`) and what the output now holds (`output`)."""
+    """What a run did (`new_*`, `seconds`, duplicate rows removed) and what the output holds."""
 
     new_images: int
     new_errors: int
     new_instances: int
     seconds: float
     output: output.OutputSummary
+    repaired_duplicates: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -78,6 +79,7 @@ class SegmentReport:
             "instances": self.output.instances,
             "files": self.output.files,
             "duplicate_paths": len(self.output.duplicate_paths),
+            "repaired_duplicates": self.repaired_duplicates,
             "new_images": self.new_images,
             "new_errors": self.new_errors,
             "new_instances": self.new_instances,
@@ -149,8 +151,9 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
 def run_segmentation(config: SegmentConfig) -> SegmentReport:
     """Segment every input of `config` not yet in the output, then check and summarise the output.
 
-    Ray must be initialised (see `pipeline.ray_runtime`). `_SUCCESS.json` is written only when
-    the output passed the check (no path twice).
+    Ray must be initialised (see `pipeline.ray_runtime`). Rows that a killed run's stray writer
+    added twice are removed (`pipeline.output.remove_duplicates`); `_SUCCESS.json` is written only
+    when every path has one row.
     """
     start = time.perf_counter()
     output.prepare(config.output_uri)
@@ -160,14 +163,19 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
         for name in counts:
             counts[name] += int(batch[name].sum())
-    seconds = time.perf_counter() - start
+    summary = output.summarize(config.output_uri)
+    repaired = 0
+    if summary.duplicate_paths:
+        repaired = output.remove_duplicates(config.output_uri, summary.duplicate_paths)
+        summary = output.summarize(config.output_uri)
     report = SegmentReport(
         new_images=counts["images"],
         new_errors=counts["errors"],
         new_instances=counts["instances"],
-        seconds=seconds,
-        output=output.summarize(config.output_uri),
+        seconds=time.perf_counter() - start,
+        output=summary,
+        repaired_duplicates=repaired,
     )
-    if not report.output.duplicate_paths:
+    if not summary.duplicate_paths:
         output.write_success(config.output_uri, report.to_dict())
     return report

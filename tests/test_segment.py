@@ -1,0 +1,374 @@
+"""jobs.segment end to end on a real local Ray: rows, schema, error rows, S3, manifests, resume.
+
+A tiny random model (the "tiny" preset) segments a handful of 64-96 px images; what is checked is
+the plumbing (one row per input, exact schema, RLE sizes, error rows, exactly-once after kills),
+not the quality of the masks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from jobs import segment as segment_job
+from mrcnn import storage
+from mrcnn.categories import Category
+from mrcnn.model import build_model
+from mrcnn.model_folder import save_model_folder, spec_for
+
+CATEGORIES = (Category(3, "circle"), Category(7, "square"), Category(8, "triangle"))
+THRESHOLD = 0.2
+EXPECTED_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("category_ids", pa.list_(pa.int32())),
+        ("categories", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("masks", pa.list_(pa.string())),
+        ("error", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random Mask R-CNN folder whose categories have gapped ids (3, 7, 8)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", len(CATEGORIES) + 1)
+    uri = str(tmp_path_factory.mktemp("model") / "model")
+    save_model_folder(model, spec_for(model, CATEGORIES), uri)
+    return uri
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 20, 20)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def rotated_jpeg(width: int, height: int) -> bytes:
+    """A JPEG stored `width x height` with EXIF orientation 6 (displayed `height x width`)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+# Every kind of input of the error-row contract, by file name; `None` marks a good image.
+GOOD = {"a.png": png(64, 64, 1), "sub/b.PNG": png(96, 72, 2), "c.jpg": rotated_jpeg(80, 48)}
+BAD = {
+    "corrupt.png": png(64, 64, 3)[:40] + b"\x00garbage" * 8,
+    "truncated.png": png(64, 64, 4)[:-200],
+    "empty.jpg": b"",
+    "text.jpg": b"just some text, not an image\n",
+    "huge.png": png(200, 100, 5),
+}
+MAX_PIXELS = 10_000  # huge.png is 20,000 pixels; the good ones at most 96 x 72 = 6,912
+
+
+def write_files(base: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(base, name), data)
+
+
+def run(*argv: str) -> int:
+    return segment_job.main(list(argv))
+
+
+def read_rows(output: str) -> list[dict]:
+    filesystem, path = storage.resolve(output)
+    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pylist()
+
+
+def segment_args(input_uri: str, output: str, model: str, *extra: str) -> list[str]:
+    return [
+        "--input", input_uri, "--output", output, "--model", model,
+        "--batch-size", "2", "--rows-per-file", "3", "--score-threshold", str(THRESHOLD),
+        "--max-pixels", str(MAX_PIXELS), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory, model_dir, ray_local):
+    """One run over a local folder with good and bad images (and a file that is not listed)."""
+    root = tmp_path_factory.mktemp("segment")
+    images = str(root / "images")
+    write_files(images, {**GOOD, **BAD, "notes.txt": b"not listed: wrong extension"})
+    output = str(root / "out")
+    assert run(*segment_args(images, output, model_dir)) == 0
+    return images, output, read_rows(output)
+
+
+def test_every_listed_image_has_exactly_one_row(folder_run):
+    images, _, rows = folder_run
+    paths = [row["path"] for row in rows]
+    assert sorted(paths) == sorted(os.path.join(images, name) for name in {**GOOD, **BAD})
+    assert len(set(paths)) == len(paths)
+
+
+def test_schema_is_exactly_the_contract(folder_run):
+    _, output, _ = folder_run
+    files = [name for name in os.listdir(output) if name.endswith(".parquet")]
+    assert files and all(name.startswith("part-") for name in files)
+    for name in files:
+        assert pq.read_schema(os.path.join(output, name)).equals(EXPECTED_SCHEMA)
+
+
+def test_bad_files_become_error_rows_and_good_ones_are_segmented(folder_run, model_dir):
+    images, _, rows = folder_run
+    by_name = {os.path.relpath(row["path"], images): row for row in rows}
+    for name in BAD:
+        row = by_name[name]
+        assert row["error"] and "\n" not in row["error"], name
+        assert row["width"] is None and row["height"] is None
+        assert row["category_ids"] == row["scores"] == row["boxes"] == row["masks"] == []
+    assert "empty" in by_name["empty.jpg"]["error"]
+    assert "10000" in by_name["huge.png"]["error"]
+    for name in GOOD:
+        assert by_name[name]["error"] is None, by_name[name]["error"]
+    assert any(by_name[name]["masks"] for name in GOOD), "the random model should find something"
+    assert {row["model"] for row in rows} == {model_dir}
+
+
+def test_detections_are_consistent_and_rles_decode_to_the_row_size(folder_run):
+    _, _, rows = folder_run
+    names = {c.id: c.name for c in CATEGORIES}
+    for row in rows:
+        if row["error"] is not None:
+            continue
+        count = len(row["scores"])
+        assert len(row["boxes"]) == len(row["masks"]) == len(row["category_ids"]) == count
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert all(score >= THRESHOLD for score in row["scores"])
+        assert [names[i] for i in row["category_ids"]] == row["categories"]
+        for (x1, y1, x2, y2), counts in zip(row["boxes"], row["masks"], strict=True):
+            assert 0 <= x1 <= x2 <= row["width"] and 0 <= y1 <= y2 <= row["height"]
+            mask = coco_mask.decode({"size": [row["height"], row["width"]], "counts": counts})
+            assert mask.shape == (row["height"], row["width"])
+
+
+def test_sizes_are_those_of_the_displayed_image(folder_run):
+    images, _, rows = folder_run
+    sizes = {os.path.relpath(row["path"], images): (row["width"], row["height"]) for row in rows}
+    assert sizes["a.png"] == (64, 64)
+    assert sizes["sub/b.PNG"] == (96, 72)
+    assert sizes["c.jpg"] == (48, 80)  # stored 80 x 48, EXIF orientation 6
+
+
+def test_success_file_has_the_counts(folder_run):
+    _, output, rows = folder_run
+    success = json.loads(storage.read_bytes(os.path.join(output, "_SUCCESS.json")))
+    assert success["images"] == success["new_images"] == len(rows) == len(GOOD) + len(BAD)
+    assert success["errors"] == len(BAD)
+    assert success["instances"] == sum(len(row["masks"]) for row in rows)
+    assert success["duplicate_paths"] == 0
+    assert success["seconds"] > 0 and success["images_per_second"] > 0
+
+
+def test_output_reads_with_duckdb(folder_run):
+    duckdb = pytest.importorskip("duckdb")
+    _, output, rows = folder_run
+    query = f"select count(*), count(error) from '{output}/*.parquet'"
+    [(count, errors)] = duckdb.sql(query).fetchall()
+    assert (count, errors) == (len(rows), len(BAD))
+
+
+def test_s3_input_and_output(s3_bucket, model_dir, ray_local):
+    images = f"{s3_bucket}/photos"
+    write_files(images, {"x/a.png": GOOD["a.png"], "c.JPG": GOOD["c.jpg"], "empty.jpg": b""})
+    storage.write_bytes(f"{s3_bucket}/photos-other/z.png", GOOD["a.png"])  # a sibling prefix
+    output = f"{s3_bucket}/out"
+    assert run(*segment_args(images, output, model_dir)) == 0
+    rows = read_rows(output)
+    assert sorted(row["path"] for row in rows) == [
+        f"{images}/c.JPG",
+        f"{images}/empty.jpg",
+        f"{images}/x/a.png",
+    ]
+    assert {row["path"]: row["width"] for row in rows}[f"{images}/c.JPG"] == 48
+    assert json.loads(storage.read_bytes(f"{output}/_SUCCESS.json"))["images"] == 3
+
+
+def test_manifests_txt_and_parquet(tmp_path, s3_bucket, model_dir, ray_local):
+    local = tmp_path / "images"
+    write_files(str(local), {"a.png": GOOD["a.png"], "b.png": GOOD["sub/b.PNG"]})
+    write_files(s3_bucket, {"remote/c.jpg": GOOD["c.jpg"]})
+    entries = [
+        "images/a.png",  # relative to the manifest's folder
+        str(local / "b.png"),
+        "",
+        f"{s3_bucket}/remote/c.jpg",
+        "images/a.png",  # a second mention: still one row
+        "images/missing.png",
+        "images/notes.txt",
+    ]
+    (local / "notes.txt").write_text("listed in a manifest, so it gets a row (an error row)")
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("\n".join(entries) + "\n")
+    expected = {str(local / "a.png"), str(local / "b.png"), f"{s3_bucket}/remote/c.jpg",
+                str(local / "missing.png"), str(local / "notes.txt")}  # fmt: skip
+
+    assert run(*segment_args(str(manifest), str(tmp_path / "out-txt"), model_dir)) == 0
+    rows = {row["path"]: row for row in read_rows(str(tmp_path / "out-txt"))}
+    assert set(rows) == expected and len(read_rows(str(tmp_path / "out-txt"))) == len(expected)
+    assert rows[str(local / "missing.png")]["error"] == "cannot read: not found"
+    assert rows[str(local / "notes.txt")]["error"].startswith("not a supported image")
+    assert rows[f"{s3_bucket}/remote/c.jpg"]["error"] is None
+
+    parquet_manifest = f"{s3_bucket}/lists/inputs.parquet"
+    table = pa.table({"path": sorted(expected), "other": list(range(len(expected)))})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(parquet_manifest, buffer.getvalue())
+    assert run(*segment_args(parquet_manifest, str(tmp_path / "out-parquet"), model_dir)) == 0
+    assert sorted(row["path"] for row in read_rows(str(tmp_path / "out-parquet"))) == sorted(expected)
+
+
+def test_rerun_completes_the_output_exactly_once(tmp_path, model_dir, ray_local):
+    images = str(tmp_path / "images")
+    write_files(images, {f"{i:02d}.png": png(64, 64, i) for i in range(8)})
+    output = str(tmp_path / "out")
+
+    # A first run stopped early (--limit keeps the first inputs of the listing) ...
+    assert run(*segment_args(images, output, model_dir, "--limit", "3")) == 0
+    assert sorted(row["path"] for row in read_rows(output)) == [f"{images}/{i:02d}.png" for i in range(3)]
+    # ... and a killed writer's temporary file, which readers and the re-run ignore.
+    (tmp_path / "out" / ".part-dead.parquet.0123.tmp").write_bytes(b"half a file")
+
+    assert run(*segment_args(images, output, model_dir)) == 0
+    paths = [row["path"] for row in read_rows(output)]
+    assert sorted(paths) == [f"{images}/{i:02d}.png" for i in range(8)]
+    assert not (tmp_path / "out" / ".part-dead.parquet.0123.tmp").exists()
+    success = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert (success["images"], success["new_images"]) == (8, 5)
+
+    # Losing a committed file (as if its batch never finished) re-creates just its rows.
+    part = sorted(p for p in os.listdir(output) if p.startswith("part-"))[0]
+    lost = len(pq.read_table(os.path.join(output, part)))
+    os.remove(os.path.join(output, part))
+    assert run(*segment_args(images, output, model_dir)) == 0
+    paths = [row["path"] for row in read_rows(output)]
+    assert sorted(paths) == [f"{images}/{i:02d}.png" for i in range(8)]
+    assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["new_images"] == lost
+
+    # Nothing left to do: nothing is rewritten.
+    before = sorted(os.listdir(output))
+    assert run(*segment_args(images, output, model_dir)) == 0
+    assert sorted(os.listdir(output)) == before
+    assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["new_images"] == 0
+
+    # A stray writer of a killed run committed two rows a second time, grouped differently (its
+    # file has another name): the next run removes the extra copies and keeps one row per path.
+    again = pa.Table.from_pylist(read_rows(output)[2:4], schema=EXPECTED_SCHEMA)
+    pq.write_table(again, tmp_path / "out" / "part-stray.parquet")
+    assert run(*segment_args(images, output, model_dir)) == 0
+    paths = [row["path"] for row in read_rows(output)]
+    assert sorted(paths) == [f"{images}/{i:02d}.png" for i in range(8)]
+    success = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert (success["images"], success["repaired_duplicates"], success["duplicate_paths"]) == (8, 2, 0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--actors", "3-1"], "--actors"),
+        (["--actors", "two"], "--actors"),
+        (["--score-threshold", "1.5"], "--score-threshold"),
+        (["--max-pixels", "-1"], "--max-pixels"),
+        (["--limit", "x"], "--limit"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        run("--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", str(tmp_path), *argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bad_inputs_exit_2_before_any_work(tmp_path, model_dir, capsys):
+    out = str(tmp_path / "out")
+    assert run("--input", str(tmp_path / "nope"), "--output", out, "--model", model_dir) == 2
+    assert run("--input", str(tmp_path / "nope.txt"), "--output", out, "--model", model_dir) == 2
+    pq.write_table(pa.table({"uri": ["a.png"]}), tmp_path / "m.parquet")
+    assert run("--input", str(tmp_path / "m.parquet"), "--output", out, "--model", model_dir) == 2
+    assert run("--input", str(tmp_path), "--output", out, "--model", str(tmp_path / "no-model")) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("segment: error:") for line in lines)
+    assert "'path'" in lines[2]
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_then_rerun_gives_every_input_once(tmp_path, model_dir, ray_local):
+    """A real kill: the driver and the local Ray it started die mid-run; the re-run completes."""
+    count = 60
+    images = str(tmp_path / "images")
+    write_files(images, {f"{i:02d}.png": png(64, 64, i) for i in range(count)})
+    output = tmp_path / "out"
+    argv = segment_args(images, str(output), model_dir, "--num-cpus", "2")
+    argv[argv.index("--rows-per-file") + 1] = "2"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("RAY_ADDRESS", None)
+    # Its own session, so that the kill takes the driver's local Ray (same process group) too.
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.segment", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(output.glob("part-*.parquet")):
+            assert driver.poll() is None, "the driver ended before it committed anything"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    # Every visible file is whole (each one is read in full here), and the run is not complete.
+    committed = read_rows(str(output))
+    assert 0 < len(committed) < count, "the kill should land mid-run"
+    assert not (output / "_SUCCESS.json").exists()
+
+    assert run(*argv) == 0
+    paths = sorted(row["path"] for row in read_rows(str(output)))
+    assert paths == [f"{images}/{i:02d}.png" for i in range(count)]
+    success = json.loads((output / "_SUCCESS.json").read_text())
+    assert success["images"] == count and success["new_images"] < count
+
+
+def test_boto3_sees_the_same_objects_as_the_lister(s3_bucket, s3_server):
+    """`storage.iter_files` lists S3 page by page (boto3), keys only under the prefix, in order."""
+    client = boto3.client("s3", endpoint_url=s3_server)
+    bucket = s3_bucket[len("s3://") :]
+    keys = [f"p/{i:04d}.png" for i in range(1005)] + ["p/dir/", "pq/other.png"]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+    listed = list(storage.iter_files(f"{s3_bucket}/p"))
+    assert listed == [f"{s3_bucket}/p/{i:04d}.png" for i in range(1005)]
