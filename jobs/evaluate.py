@@ -19,6 +19,7 @@ import sys
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from jobs.cli import OneLineParser
 from mrcnn import storage
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco, format_summary
 
@@ -29,13 +30,8 @@ class EvaluationError(Exception):
     """Predictions or annotations that cannot be evaluated together; the message is one line."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--predictions", required=True, help="output folder of jobs.segment (local or s3://)")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (local or s3://)")
     parser.add_argument(

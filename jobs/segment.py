@@ -17,29 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import OneLineParser, bounded
 from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.listing import InputError, check_input
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _number(kind, minimum, maximum=None, *, above: bool = False):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < minimum or (above and value == minimum) or (maximum is not None and value > maximum):
-            bound = f"above {minimum}" if above else f"at least {minimum}"
-            bound += f" and at most {maximum}" if maximum is not None else ""
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    return parse
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -55,14 +36,14 @@ def actor_range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m jobs.segment", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jobs.segment", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input", required=True, help="folder, s3://bucket/prefix, .txt or .parquet manifest"
     )
     parser.add_argument("--output", required=True, help="output folder (local or s3://)")
     parser.add_argument("--model", required=True, help="model folder (local or s3://) or torchvision:<name>")
     parser.add_argument(
-        "--batch-size", type=_number(int, 1), default=4, help="images per inference batch (default 4)"
+        "--batch-size", type=bounded(int, 1), default=4, help="images per inference batch (default 4)"
     )
     parser.add_argument(
         "--actors",
@@ -73,40 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpus-per-actor",
-        type=_number(float, 0.0),
+        type=bounded(float, 0.0),
         default=1.0,
         help="GPUs per inference actor when the cluster has GPUs (default 1; 0: CPU actors)",
     )
     parser.add_argument(
         "--cpus-per-actor",
-        type=_number(float, 0.0, above=True),
+        type=bounded(float, 0.0, above=True),
         default=1.0,
         help="CPUs per inference actor, and its torch threads (default 1)",
     )
     parser.add_argument(
         "--score-threshold",
-        type=_number(float, 0.0, 1.0),
+        type=bounded(float, 0.0, 1.0),
         default=0.5,
         help="keep detections scoring above it (default 0.5)",
     )
     parser.add_argument(
         "--max-pixels",
-        type=_number(int, 1),
+        type=bounded(int, 1),
         default=100_000_000,
         help="images with more pixels (from the header) become error rows (default 100000000)",
     )
     parser.add_argument(
-        "--limit", type=_number(int, 1), default=None, help="only the first N inputs of the listing"
+        "--limit", type=bounded(int, 1), default=None, help="only the first N inputs of the listing"
     )
     parser.add_argument(
         "--rows-per-file",
-        type=_number(int, 1),
+        type=bounded(int, 1),
         default=256,
         help="rows per committed Parquet file (default 256)",
     )
     parser.add_argument(
         "--num-cpus",
-        type=_number(int, 1),
+        type=bounded(int, 1),
         default=None,
         help="CPUs of the local Ray started when RAY_ADDRESS is not set (default: all)",
     )
