@@ -29,6 +29,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def free_ports():
+    """A function returning a free TCP port on 127.0.0.1 at each call."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL.
 
