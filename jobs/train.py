@@ -1,0 +1,222 @@
+"""Train Mask R-CNN with Ray Train on a COCO dataset (local or s3://) and export the model.
+
+    python -m jobs.train --train-annotations s3://bucket/shapes/train/annotations.json \\
+        --train-images s3://bucket/shapes/train/images \\
+        --val-annotations s3://bucket/shapes/val/annotations.json \\
+        --val-images s3://bucket/shapes/val/images \\
+        --output s3://bucket/runs/shapes-small --preset small --num-workers 2 --epochs 12
+
+Writes `OUTPUT/checkpoints/` (every epoch), `OUTPUT/metrics.jsonl` (one JSON object per epoch:
+losses, lr, images/s, validation COCO AP) and at the end `OUTPUT/model/` (`weights.pt` and
+`model.json`), which `jobs.segment` and `jobs.evaluate` load. Re-running the same command on the
+same OUTPUT resumes from the latest checkpoint, or with a larger `--epochs` trains on from it; a
+finished run is not trained again. With `RAY_ADDRESS` set the job runs on that cluster; otherwise
+on a local Ray of `--num-cpus` CPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.cli import OneLineParser, bounded
+from mrcnn import storage
+from mrcnn.coco import CocoError, read_coco
+from mrcnn.model import ROI_OPS
+from mrcnn.presets import PRESETS
+from mrcnn.weights import WeightsError
+from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
+from pipeline.trainer import (
+    TrainingError,
+    TrainJob,
+    check_init_weights,
+    completed_epochs,
+    is_complete,
+)
+
+DEFAULTS = TrainJob(train_annotations="", train_images="", output="")
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-annotations", required=True, metavar="URI", help="COCO instances JSON")
+    data.add_argument("--train-images", required=True, metavar="URI", help="folder of the training images")
+    data.add_argument("--val-annotations", metavar="URI", help="validation COCO JSON (default: none)")
+    data.add_argument("--val-images", metavar="URI", help="folder of the validation images")
+    data.add_argument("--output", required=True, metavar="URI", help="run folder (local or s3://)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--preset", choices=sorted(PRESETS), default=DEFAULTS.preset,
+        help=f"architecture and input size (default {DEFAULTS.preset})",
+    )
+    model.add_argument(
+        "--roi-op", choices=ROI_OPS, default=DEFAULTS.roi_op,
+        help=f"RoIAlign or the quantized RoIPool, for the ablation (default {DEFAULTS.roi_op})",
+    )
+    model.add_argument(
+        "--mask-loss", choices=("sigmoid", "softmax"), default=DEFAULTS.mask_loss,
+        help=f"per-class sigmoid masks or competing softmax masks (default {DEFAULTS.mask_loss})",
+    )
+    model.add_argument(
+        "--init-weights", metavar="URI",
+        help="start from these weights (file, s3:// or torchvision:<name>); tensors whose name and "
+        "shape differ, such as other classes' predictors, stay random (default: random init)",
+    )
+
+    scale = parser.add_argument_group("workers")
+    scale.add_argument(
+        "--num-workers", type=bounded(int, 1), default=DEFAULTS.num_workers,
+        help=f"Ray Train workers, one DDP process each (default {DEFAULTS.num_workers})",
+    )
+    scale.add_argument("--use-gpu", action="store_true", help="one GPU per worker (default: CPU)")
+    scale.add_argument(
+        "--cpus-per-worker", type=bounded(float, 0.0, above=True), default=None,
+        help="CPUs per worker, also its torch threads (default: 3/4 of the cluster's CPUs shared "
+        "by the workers; the rest decodes images)",
+    )
+    scale.add_argument(
+        "--max-failures", type=bounded(int, -1), default=DEFAULTS.max_failures,
+        help="worker failures to recover from by resuming from the latest checkpoint, -1 for no "
+        f"limit (default {DEFAULTS.max_failures})",
+    )
+    scale.add_argument(
+        "--num-cpus", type=bounded(int, 1), default=None,
+        help="CPUs of the local Ray started when RAY_ADDRESS is not set (default: all)",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--epochs", type=bounded(int, 1), default=DEFAULTS.epochs,
+        help=f"passes over the training set (default {DEFAULTS.epochs})",
+    )
+    optim.add_argument(
+        "--batch-size", type=bounded(int, 1), default=DEFAULTS.batch_size,
+        help=f"images per worker and step (default {DEFAULTS.batch_size})",
+    )
+    optim.add_argument(
+        "--lr", type=bounded(float, 0.0, above=True), default=DEFAULTS.lr,
+        help=f"SGD learning rate for a total batch of 16 images, scaled linearly to num-workers x "
+        f"batch-size (default {DEFAULTS.lr})",
+    )
+    optim.add_argument(
+        "--momentum", type=bounded(float, 0.0, 1.0), default=DEFAULTS.momentum,
+        help=f"SGD momentum (default {DEFAULTS.momentum})",
+    )
+    optim.add_argument(
+        "--weight-decay", type=bounded(float, 0.0), default=DEFAULTS.weight_decay,
+        help=f"SGD weight decay (default {DEFAULTS.weight_decay})",
+    )
+    optim.add_argument(
+        "--warmup-iters", type=bounded(int, 0), default=DEFAULTS.warmup_iters,
+        help=f"steps of linear warm-up from lr/1000, at most a quarter of all steps "
+        f"(default {DEFAULTS.warmup_iters})",
+    )
+    optim.add_argument(
+        "--lr-schedule", choices=("cosine", "step"), default=DEFAULTS.lr_schedule,
+        help="after warm-up: cosine decay to 0, or 10x drops at 16/26 and 22/26 of the run "
+        f"(default {DEFAULTS.lr_schedule})",
+    )
+    optim.add_argument(
+        "--amp", action="store_true",
+        help="bfloat16 autocast (GPU, or CPUs with bf16 support); bf16 needs no loss scaling "
+        "(default: float32)",
+    )
+    optim.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed,
+        help=f"seed of the model's initialisation and RoI sampling (default {DEFAULTS.seed})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.val_annotations is None) != (args.val_images is None):
+        parser.error("--val-annotations and --val-images go together")
+    try:
+        # Absolute URIs: Ray Train workers run in a folder of their own, not in ours.
+        uris = {
+            name: _absolute(getattr(args, name)) if getattr(args, name) else None
+            for name in ("train_annotations", "train_images", "output", "val_annotations", "val_images")
+        }
+    except storage.StorageError as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
+    job = TrainJob(
+        **uris,
+        preset=args.preset,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters,
+        lr_schedule=args.lr_schedule,
+        amp=args.amp,
+        roi_op=args.roi_op,
+        mask_loss=args.mask_loss,
+        init_weights=args.init_weights,
+        max_failures=args.max_failures,
+        seed=args.seed,
+    )
+    try:
+        train_data, val_data = _read_datasets(job)
+        if job.init_weights:
+            check_init_weights(job, len(train_data.categories) + 1)
+        identity = RunIdentity(job.preset, job.roi_op, job.mask_loss, train_data.categories)
+        resumed = claim_output(job.output, identity)
+        if resumed and is_complete(job):
+            print(
+                f"train: {job.output} is already complete ({completed_epochs(job)} epochs, "
+                f"model in {storage.join(job.output, 'model')}); nothing to do"
+            )
+            return 0
+    except (CocoError, WeightsError, OutputMismatch, storage.StorageError) as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
+
+    from pipeline.ray_runtime import ray_session
+    from pipeline.trainer import run_training
+
+    try:
+        with ray_session(num_cpus=args.num_cpus):
+            outcome = run_training(job, train_data, val_data)
+    except (TrainingError, storage.StorageError) as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 1
+    print(f"train: {outcome.epochs} epochs; model exported to {outcome.model_uri}")
+    return 0
+
+
+def _read_datasets(job: TrainJob):
+    """Read and check the annotations (and that the image folders exist) before any Ray work."""
+    train_data = read_coco(job.train_annotations, job.train_images)
+    _check_images_root(job.train_images)
+    if not train_data.images:
+        raise CocoError(f"{job.train_annotations}: no images")
+    val_data = None
+    if job.val_annotations:
+        val_data = read_coco(job.val_annotations, job.val_images)
+        _check_images_root(job.val_images)
+        if val_data.categories != train_data.categories:
+            raise CocoError(
+                f"{job.val_annotations}: categories differ from those of {job.train_annotations}"
+            )
+    return train_data, val_data
+
+
+def _absolute(uri: str) -> str:
+    return storage.to_uri(*storage.resolve(uri))
+
+
+def _check_images_root(uri: str) -> None:
+    if not storage.exists(uri):
+        raise CocoError(f"{uri}: images folder not found")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Training and validation data on Ray Data: COCO records in, decoded images and targets out.
+
+The driver turns a `CocoDataset` into a dataset of small records (URI, size, annotations as JSON);
+Ray Data tasks read and decode each image, build its target with `mrcnn.coco.build_target` and,
+for training, flip it horizontally at random. Masks travel from the tasks to the training workers
+as COCO compressed RLE (a few hundred bytes per object instead of H x W bytes) and are decoded in
+the worker's collate function, in Ray Data's prefetch thread, into the lists of variable-size
+tensors torchvision's detection models take.
+
+An image that is missing, undecodable or whose size differs from its annotations is left out with
+a warning, never an exception that ends the run; other storage errors (network, throttling beyond
+the S3 client's retries) raise so that Ray retries the task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from mrcnn.coco import CocoDataset, build_target
+from mrcnn.images import ImageDecodeError, decode_image
+from pipeline.decode import InputMissing, read_input
+
+logger = logging.getLogger("pipeline.train_data")
+
+# Images above this many pixels (read from the header, before decoding) are left out: a training
+# set has no business holding decompression bombs.
+MAX_PIXELS = 100_000_000
+FLIP_PROBABILITY = 0.5
+# Rows per block of the records dataset: one decode task per block. Small enough that every
+# worker gets several blocks and that a retried task redoes little; large enough that task
+# overhead (a few ms) stays small next to decoding.
+ROWS_PER_BLOCK = 16
+# Logical CPUs of one decode task. Fractional so that decoding fits beside training workers on a
+# small machine; the tasks are short and mostly wait on I/O and zlib.
+DECODE_TASK_CPUS = 0.25
+
+
+def records_dataset(dataset: CocoDataset):
+    """A Ray Dataset of the images of `dataset`, one row per image.
+
+    Columns: `image_id` int64, `file_name`, `uri` str, `width`, `height` int64, `annotations`
+    str (the kept raw COCO annotations of the image as a JSON list).
+    """
+    import ray
+
+    records = dataset.to_records()
+    num_blocks = max(1, -(-len(records) // ROWS_PER_BLOCK))
+    return ray.data.from_items(records, override_num_blocks=num_blocks)
+
+
+def training_dataset(dataset: CocoDataset, *, flip: bool = True):
+    """Decoded training rows (see `decode_training_batch`), in an order that changes every epoch.
+
+    The block order is shuffled on every pass over the data; the workers shuffle rows further
+    with a local buffer (`iterate_training_batches`).
+    """
+    return (
+        records_dataset(dataset)
+        .randomize_block_order()
+        .map_batches(
+            decode_training_batch,
+            fn_kwargs={"category_to_label": dataset.category_to_label, "flip": flip},
+            batch_size=None,
+            num_cpus=DECODE_TASK_CPUS,
+        )
+    )
+
+
+def validation_dataset(dataset: CocoDataset):
+    """Decoded validation rows (see `decode_validation_batch`), no augmentation."""
+    return records_dataset(dataset).map_batches(
+        decode_validation_batch, batch_size=None, num_cpus=DECODE_TASK_CPUS
+    )
+
+
+def decode_training_batch(
+    batch: dict[str, np.ndarray], *, category_to_label: dict[int, int], flip: bool
+) -> dict[str, Any]:
+    """Read, decode and build the training target of each record of `batch`.
+
+    Returns, per kept image (rows that cannot be used are dropped, with a warning):
+        image_id: int64.
+        image: uint8[H, W, 3] RGB as displayed.
+        boxes: float32[N, 4] x1, y1, x2, y2 in pixels of the image.
+        labels: int64[N], contiguous labels 1..K.
+        masks: N COCO compressed RLE `counts` (bytes) at H x W, in the order of `boxes`.
+    With `flip`, each image is mirrored left-right with probability 1/2, its target with it.
+    """
+    rng = np.random.default_rng()
+    out: dict[str, list] = {"image_id": [], "image": [], "boxes": [], "labels": [], "masks": []}
+    for row in range(len(batch["uri"])):
+        image = _read_image(batch, row)
+        if image is None:
+            continue
+        height, width = image.shape[:2]
+        target = build_target(
+            json.loads(batch["annotations"][row]), height, width, category_to_label
+        )
+        boxes, masks = target["boxes"], target["masks"]
+        if flip and rng.random() < FLIP_PROBABILITY:
+            image = image[:, ::-1]
+            masks = masks[:, :, ::-1]
+            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+        out["image_id"].append(int(batch["image_id"][row]))
+        out["image"].append(np.ascontiguousarray(image))
+        out["boxes"].append(boxes.astype(np.float32, copy=False).reshape(-1, 4))
+        out["labels"].append(target["labels"])
+        out["masks"].append(encode_masks(masks))
+    return out
+
+
+def decode_validation_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Read and decode each record of `batch`: `image_id` int64, `image` uint8[H, W, 3] RGB."""
+    out: dict[str, list] = {"image_id": [], "image": []}
+    for row in range(len(batch["uri"])):
+        image = _read_image(batch, row)
+        if image is not None:
+            out["image_id"].append(int(batch["image_id"][row]))
+            out["image"].append(image)
+    return out
+
+
+def _read_image(batch: dict[str, np.ndarray], row: int) -> np.ndarray | None:
+    """The decoded image of a record, or None (with a warning) when it cannot be used."""
+    uri = batch["uri"][row]
+    try:
+        image = decode_image(read_input(uri), max_pixels=MAX_PIXELS)
+    except (ImageDecodeError, InputMissing) as error:
+        logger.warning("%s: left out of training: %s", uri, error)
+        return None
+    expected = (int(batch["height"][row]), int(batch["width"][row]))
+    if image.shape[:2] != expected:
+        logger.warning(
+            "%s: left out of training: the image is %dx%d but its annotations say %dx%d",
+            uri, image.shape[1], image.shape[0], expected[1], expected[0],
+        )
+        return None
+    return image
+
+
+def encode_masks(masks: np.ndarray) -> list[bytes]:
+    """COCO compressed RLE `counts` of each mask of `masks` uint8[N, H, W]."""
+    if len(masks) == 0:
+        return []
+    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    return [rle["counts"] for rle in encoded]
+
+
+def decode_masks(counts: list[bytes] | np.ndarray, height: int, width: int) -> torch.Tensor:
+    """The masks of `encode_masks` back as uint8[N, H, W] (N may be 0)."""
+    if len(counts) == 0:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    rles = [{"size": [height, width], "counts": bytes(c)} for c in counts]
+    masks = mask_utils.decode(rles)  # uint8[H, W, N], Fortran order
+    return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8[H, W, 3] RGB as the model's input, float32[3, H, W] in 0..1."""
+    # A float copy: Ray hands out read-only arrays, which torch.from_numpy would share.
+    return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+
+
+class TrainingCollate(NumpyBatchCollateFn):
+    """A batch of training rows as `(images, targets)` for `model(images, targets)`.
+
+    images: list of float32[3, H, W] in 0..1 (sizes differ); targets: list of dicts with
+    `boxes` float32[N, 4] xyxy, `labels` int64[N], `masks` uint8[N, H, W]. On the CPU; the
+    training loop moves them to its device.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[list[torch.Tensor], list[dict]]:
+        images, targets = [], []
+        for image, boxes, labels, masks in zip(
+            batch["image"], batch["boxes"], batch["labels"], batch["masks"], strict=True
+        ):
+            height, width = image.shape[:2]
+            images.append(image_tensor(image))
+            targets.append(
+                {
+                    "boxes": torch.tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
+                    "labels": torch.tensor(np.asarray(labels, np.int64).reshape(-1)),
+                    "masks": decode_masks(masks, height, width),
+                }
+            )
+        return images, targets
+
+
+class ValidationCollate(NumpyBatchCollateFn):
+    """A batch of validation rows as `(image_ids, images)`: int list, float32[3, H, W] list."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[list[int], list[torch.Tensor]]:
+        return [int(i) for i in batch["image_id"]], [image_tensor(image) for image in batch["image"]]

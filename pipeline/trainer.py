@@ -1,0 +1,268 @@
+"""Run a Mask R-CNN training on Ray Train: datasets, workers, storage, failures, resume and export.
+
+`TorchTrainer` runs `pipeline.train_loop.train_loop_per_worker` on `num_workers` workers (DDP),
+each reading its shard of the Ray Data training set (`pipeline.train_data`). Checkpoints go to
+`RunConfig(storage_path=<output>, name="checkpoints")` on local disk or S3 (through
+`mrcnn.storage`, so `AWS_ENDPOINT_URL` and the retry settings apply). A worker that dies is
+replaced and training resumes from the latest checkpoint, up to `max_failures` times
+(`FailureConfig`); a new run of the same command on the same output resumes the same way, since
+a new `TorchTrainer` on the same storage path and name finds Ray's record of the checkpoints.
+When training is done, the model of the latest checkpoint is exported to `<output>/model/`.
+
+CPUs: Ray sets `OMP_NUM_THREADS=1` in its workers, so each training worker sets its torch
+threads to its CPU share explicitly. Unless told otherwise, the workers share three quarters of
+the cluster's CPUs (at least half a CPU is left for decoding images in Ray Data tasks, which
+would otherwise never get a CPU while the workers hold them all).
+
+Fault injection for tests: `MRCNN_TRAIN_FAIL_AFTER_EPOCH=k` in the driver's environment makes
+the rank-0 worker process exit right after it has checkpointed epoch k (only in a run that did
+not start from epoch k or later), as if it had been killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from mrcnn import build_model, storage
+from mrcnn.coco import CocoDataset
+from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
+from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
+from pipeline.metrics import METRICS_FILE, read_history
+from pipeline.train_loop import LoopConfig, initialise_from, train_loop_per_worker
+
+logger = logging.getLogger("pipeline.trainer")
+
+FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
+# `--lr` is the learning rate for a total batch of this many images (torchvision's reference:
+# 0.02 for 8 GPUs x 2 images); the run scales it linearly to num_workers x batch_size.
+REFERENCE_BATCH = 16
+WORKERS_CPU_SHARE = 0.75
+MIN_DATA_CPUS = 0.5
+# Checkpoints kept in storage; older ones are deleted by Ray Train as new ones are reported.
+KEEP_CHECKPOINTS = 2
+MODEL_NAME = "model"
+# Ray Train routes `print` in its workers to a logger and also tees it when stdout is redirected,
+# which prints our epoch lines twice and lets pycocotools' output through `evaluate_coco`'s
+# `redirect_stdout`. Plain prints reach the driver through Ray's log forwarding anyway.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+class TrainingError(Exception):
+    """Training could not run or did not finish; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A training run as the command line describes it (see `jobs.train` for each field)."""
+
+    train_annotations: str
+    train_images: str
+    output: str
+    val_annotations: str | None = None
+    val_images: str | None = None
+    preset: str = "small"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    epochs: int = 12
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    lr_schedule: str = "cosine"
+    amp: bool = False
+    roi_op: str = "align"
+    mask_loss: str = "sigmoid"
+    init_weights: str | None = None
+    max_failures: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a run did: epochs trained in total, whether this invocation trained any, the export."""
+
+    epochs: int
+    trained: bool
+    model_uri: str
+    final_metrics: dict | None
+
+
+def completed_epochs(job: TrainJob) -> int:
+    """Epochs recorded in the output's `metrics.jsonl` (0 for a new output)."""
+    history = read_history(storage.join(job.output, METRICS_FILE))
+    return int(history[-1]["epoch"]) if history else 0
+
+
+def is_complete(job: TrainJob) -> bool:
+    """True when the output already holds a model exported after at least `job.epochs` epochs."""
+    model_spec = storage.join(job.output, MODEL_NAME, SPEC_FILE)
+    return completed_epochs(job) >= job.epochs and storage.exists(model_spec)
+
+
+def check_init_weights(job: TrainJob, num_classes: int) -> None:
+    """Raise `mrcnn.weights.WeightsError` unless `job.init_weights` can initialise the model."""
+    model = build_model(job.preset, num_classes, roi_op=job.roi_op, mask_loss=job.mask_loss)
+    initialise_from(model, job.init_weights, log=False)
+
+
+def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset | None) -> TrainOutcome:
+    """Train (or resume) with Ray Train, then export the model. Ray must be initialised."""
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train_data import training_dataset, validation_dataset
+
+    filesystem, path = storage.resolve(job.output)
+    previous = _latest_checkpoint(filesystem, path)
+    if previous is not None and previous[1] >= job.epochs:
+        print(f"train: {job.output} already holds {previous[1]} trained epochs; exporting its model")
+        return _finish(job, train_data, previous[0], previous[1], trained=False, metrics=None)
+    if previous is not None:
+        print(
+            f"train: resuming from checkpoint {storage.to_uri(filesystem, previous[0].path)} "
+            f"(epoch {previous[1]} of {job.epochs} done)"
+        )
+
+    cpus_per_worker = job.cpus_per_worker or _default_worker_cpus(job.num_workers)
+    _warn_if_too_small(job, cpus_per_worker)
+    rows_per_worker = len(train_data.images) // job.num_workers
+    if rows_per_worker == 0:
+        raise TrainingError(
+            f"{job.train_annotations}: {len(train_data.images)} images for {job.num_workers} workers"
+        )
+    steps_per_epoch = math.ceil(rows_per_worker / job.batch_size)
+    total_batch = job.num_workers * job.batch_size
+    fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
+    config = LoopConfig(
+        preset=job.preset,
+        num_classes=len(train_data.categories) + 1,
+        roi_op=job.roi_op,
+        mask_loss=job.mask_loss,
+        categories=train_data.categories,
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.lr * total_batch / REFERENCE_BATCH,
+        momentum=job.momentum,
+        weight_decay=job.weight_decay,
+        warmup_iters=min(job.warmup_iters, max(1, job.epochs * steps_per_epoch // 4)),
+        lr_schedule=job.lr_schedule,
+        steps_per_epoch=steps_per_epoch,
+        amp=job.amp,
+        torch_threads=max(1, round(cpus_per_worker)),
+        seed=job.seed,
+        init_weights=job.init_weights,
+        metrics_uri=storage.join(job.output, METRICS_FILE),
+        val_annotations=val_data.annotations_uri if val_data is not None else None,
+        fail_after_epoch=int(fail_after) if fail_after else None,
+    )
+    datasets = {"train": training_dataset(train_data)}
+    if val_data is not None:
+        datasets["val"] = validation_dataset(val_data)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config},
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_NAME,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            # Ray Train logs every report with all its metrics at INFO; we print one line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": WORKER_ENV},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    print(
+        f"train: {job.num_workers} workers x {job.batch_size} images, {cpus_per_worker:g} CPUs"
+        f"{' + 1 GPU' if job.use_gpu else ''} each, lr {config.lr:g}, {steps_per_epoch} steps/epoch, "
+        f"{len(train_data.images)} training images; the Ray cluster has "
+        f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingError(f"training failed: {_one_line(error)}") from error
+    if result.checkpoint is None:
+        raise TrainingError("training reported no checkpoint")
+    epochs = int(result.metrics["epoch"])
+    return _finish(job, train_data, result.checkpoint, epochs, trained=True, metrics=result.metrics)
+
+
+def _finish(job, train_data, checkpoint, epochs, *, trained, metrics) -> TrainOutcome:
+    model_uri = export_model(checkpoint, job, train_data)
+    return TrainOutcome(epochs=epochs, trained=trained, model_uri=model_uri, final_metrics=metrics)
+
+
+def export_model(checkpoint, job: TrainJob, train_data: CocoDataset) -> str:
+    """Write the model of `checkpoint` to `<output>/model/`; returns its URI."""
+    with checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    model = build_model(
+        job.preset, len(train_data.categories) + 1, roi_op=job.roi_op, mask_loss=job.mask_loss
+    )
+    model.load_state_dict(state["model"])
+    uri = storage.join(job.output, MODEL_NAME)
+    save_model_folder(model, spec_for(model, train_data.categories), uri)
+    return uri
+
+
+def _latest_checkpoint(filesystem, path: str):
+    """(checkpoint, epoch) of the latest checkpoint Ray Train recorded under `path`, or None."""
+    from ray.train import Result
+
+    run_path = storage.join(path, CHECKPOINTS_NAME)
+    try:
+        result = Result.from_path(run_path, storage_filesystem=filesystem)
+    except RuntimeError:  # no run folder, or no record of checkpoints in it yet
+        return None
+    if result.checkpoint is None:
+        return None
+    return result.checkpoint, int(result.metrics["epoch"])
+
+
+def _default_worker_cpus(num_workers: int) -> float:
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    share = min(total * WORKERS_CPU_SHARE, total - MIN_DATA_CPUS)
+    return max(share / num_workers, 0.1)
+
+
+def _warn_if_too_small(job: TrainJob, cpus_per_worker: float) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if job.num_workers * cpus_per_worker >= cpus or (job.use_gpu and gpus < job.num_workers):
+        logger.warning(
+            "the Ray cluster has %g CPUs and %g GPUs; %d workers of %g CPUs%s plus image decoding "
+            "need more, so training waits until the cluster grows",
+            cpus, gpus, job.num_workers, cpus_per_worker, " and 1 GPU" if job.use_gpu else "",
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        return f"worker {rank}: {type(cause).__name__}: " + " ".join(str(cause).split())[:400]
+    return " ".join(str(error).split())[:400]
