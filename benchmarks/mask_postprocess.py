@@ -1,18 +1,18 @@
 """Mask post-process: `mrcnn.rle.masks_to_rle` against paste + threshold + pycocotools encode.
 
-    .venv/bin/python benchmarks/mask_postprocess.py [--detections 100] [--repeats 3] [--seed 0]
+    .venv/bin/python benchmarks/mask_postprocess.py [--detections 100] [--repeats 3] [--threads N]
 
 For each image size (800x1333 and 2000x3000) it makes the same synthetic detections for both paths:
-smooth 28x28 mask probabilities and boxes whose side (the square root of their area) is
-log-uniform between 2 % and 60 % of the image's short side ("realistic"; and, as a worst case,
-between 30 % and 100 %: "large"), aspect ratio log-uniform in [1/2, 2], centres anywhere in the
-image and boxes clipped to it, as the model's boxes are. The baseline is
-what torchvision's reference evaluation does (`references/detection/coco_eval.py`): paste every
-mask into a full image with `paste_masks_in_image`, threshold at 0.5, and encode each mask with
-`pycocotools.mask.encode`. Both paths run on CPU with torch using every core of the machine
-(`torch.set_num_threads`); each time is the best of `--repeats` runs, the two paths taking turns.
-The RLEs of the two paths are checked byte for byte. The last line is the smaller of the two image
-sizes' speed-ups with realistic boxes.
+smooth 28x28 mask probabilities and boxes whose side (the square root of their area) is log-uniform
+between 2 % and 60 % of the image's short side ("realistic"; and, as a worst case, between 30 % and
+100 %: "large"), aspect ratio log-uniform in [1/2, 2], centres anywhere in the image and boxes
+clipped to it, as the model's boxes are. The baseline is what torchvision's reference evaluation
+does (`references/detection/coco_eval.py`): paste every mask into a full image with
+`paste_masks_in_image`, threshold at 0.5, and encode each mask with `pycocotools.mask.encode`.
+Both paths run on CPU with torch on every core of the machine (`torch.set_num_threads`; `--threads`
+overrides it); each time is the best of `--repeats` runs, the two paths taking turns. The RLEs of
+the two paths are checked byte for byte. The last line is the smaller of the two image sizes'
+speed-ups with realistic boxes.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detections", type=int, default=100, help="detections per image")
     parser.add_argument("--repeats", type=int, default=3, help="runs per path; the best counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     return parser
 
 
@@ -93,8 +94,8 @@ def best_times(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)
-    print(f"torch threads: {torch.get_num_threads()} (set to all {cores} cores), device: cpu")
+    torch.set_num_threads(args.threads or cores)
+    print(f"torch threads: {torch.get_num_threads()} (machine cores: {cores}), device: cpu")
     print(
         f"{'boxes':>9} {'image':>11} {'dets':>5} {'paste+encode s':>15} {'masks_to_rle s':>15}"
         f" {'speed-up':>9}"
