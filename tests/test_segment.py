@@ -363,6 +363,64 @@ def test_sigkill_of_the_driver_then_rerun_gives_every_input_once(tmp_path, model
     assert success["images"] == count and success["new_images"] < count
 
 
+def segment_processes(marker: str, name: str) -> list[int]:
+    """PIDs of the processes started with `MRCNN_TEST_RUN=marker` whose title contains `name`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                title = file.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environ = file.read().split(b"\0")
+        except OSError:
+            continue
+        if name in title and f"MRCNN_TEST_RUN={marker}".encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.slow
+def test_killing_an_inference_actor_mid_run_loses_and_duplicates_nothing(tmp_path, model_dir):
+    """Ray restarts the killed actor and retries its batches; every input still has one row."""
+    count = 60
+    images = str(tmp_path / "images")
+    write_files(images, {f"{i:02d}.png": png(64, 64, i) for i in range(count)})
+    output = tmp_path / "out"
+    argv = segment_args(images, str(output), model_dir, "--num-cpus", "2")
+    argv[argv.index("--rows-per-file") + 1] = "2"
+    marker = os.urandom(8).hex()
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "MRCNN_TEST_RUN": marker}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.segment", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(output.glob("part-*.parquet")):
+            assert driver.poll() is None, "the driver ended before it committed anything"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        actors = segment_processes(marker, "MapBatches(Segmenter)")
+        assert len(actors) == 1
+        os.kill(actors[0], signal.SIGKILL)
+        committed_before_the_kill = len(read_rows(str(output)))
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 0, stderr.decode()[-2000:]
+    assert committed_before_the_kill < count, "the kill should land mid-run"
+    rows = read_rows(str(output))
+    assert sorted(row["path"] for row in rows) == [f"{images}/{i:02d}.png" for i in range(count)]
+    success = json.loads((output / "_SUCCESS.json").read_text())
+    assert (success["images"], success["duplicate_paths"]) == (count, 0)
+
+
 def test_boto3_sees_the_same_objects_as_the_lister(s3_bucket, s3_server):
     """`storage.iter_files` lists S3 page by page (boto3), keys only under the prefix, in order."""
     client = boto3.client("s3", endpoint_url=s3_server)
