@@ -25,6 +25,7 @@ differs from the decode tasks', which keeps decoding on CPU tasks.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from pipeline.decode import decode_batch
 from pipeline.inference import Segmenter
 from pipeline.listing import InputSpec, PathDatasource
 from pipeline.postprocess import rows_from_detections
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,16 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
     use_gpu = config.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
     threads = max(1, int(config.cpus_per_actor))
     low, high = config.actors
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus - low * config.cpus_per_actor < 1:
+        logger.warning(
+            "%d inference actors of %g CPUs leave less than one of the cluster's %g CPUs for the "
+            "decode and RLE tasks: the job waits until the cluster grows (a local Ray: raise "
+            "--num-cpus, Ray's CPUs are logical; or lower --cpus-per-actor / --actors)",
+            low,
+            config.cpus_per_actor,
+            cpus,
+        )
     dataset = ray.data.read_datasource(
         PathDatasource(config.input, rows_per_block=config.batch_size, done=done),
         override_num_blocks=1,
