@@ -156,15 +156,15 @@ def detections_from_prediction(
         N dicts `{"image_id", "category_id", "score", "bbox": [x, y, w, h], "segmentation":
         {"size": [height, width], "counts": str}}` of plain Python values (JSON-ready).
     """
-    boxes, scores, category_ids = (_to_numpy(value) for value in (boxes, scores, category_ids))
-    lengths = {len(boxes), len(scores), len(category_ids), len(rle_counts)}
+    scores, category_ids = _to_numpy(scores).reshape(-1), _to_numpy(category_ids).reshape(-1)
+    xywh = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    xywh[:, 2:] -= xywh[:, :2]
+    lengths = {len(xywh), len(scores), len(category_ids), len(rle_counts)}
     if len(lengths) != 1:
         raise ValueError(
-            f"detections_from_prediction: {len(boxes)} boxes, {len(scores)} scores, "
+            f"detections_from_prediction: {len(xywh)} boxes, {len(scores)} scores, "
             f"{len(category_ids)} category ids and {len(rle_counts)} masks for image {image_id}"
         )
-    xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    xywh[:, 2:] -= xywh[:, :2]
     return [
         {
             "image_id": int(image_id),

@@ -190,8 +190,20 @@ def test_model_output_through_masks_to_rle_scores_like_the_boxes():
     assert stats["segm"]["AP50"] == pytest.approx(1.0)
 
 
-def test_detections_from_prediction_with_nothing_detected_and_mismatched_lengths():
-    assert detections_from_prediction(1, np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), [], 8, 8) == []
+def test_detections_from_prediction_takes_lists_empty_inputs_and_checks_lengths():
+    counts = mask_util.encode(np.asfortranarray(np.ones((8, 8), np.uint8)))["counts"]
+
+    dets = detections_from_prediction(7, [[1.0, 2.0, 4.0, 7.0]], [0.5], [3], [counts], 8, 8)
+
+    assert [det["bbox"] for det in dets] == [[1.0, 2.0, 3.0, 5.0]]
+    assert dets[0]["segmentation"]["counts"] == counts.decode("ascii")
+    assert detections_from_prediction(1, [], [], [], [], 8, 8) == []
+    assert (
+        detections_from_prediction(
+            1, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), [], 8, 8
+        )
+        == []
+    )
     with pytest.raises(ValueError, match="2 boxes, 1 scores"):
         detections_from_prediction(1, np.zeros((2, 4)), np.zeros(1), [1, 2], [b"", b""], 8, 8)
 
