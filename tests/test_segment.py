@@ -421,6 +421,25 @@ def test_killing_an_inference_actor_mid_run_loses_and_duplicates_nothing(tmp_pat
     assert (success["images"], success["duplicate_paths"]) == (count, 0)
 
 
+def test_a_local_ray_started_by_a_job_serves_its_dashboard_on_localhost_only():
+    """`ray_session` without RAY_ADDRESS starts a private Ray whose dashboard binds 127.0.0.1."""
+    script = (
+        "import ray\n"
+        "from pipeline.ray_runtime import ray_session\n"
+        "with ray_session(num_cpus=1):\n"
+        "    print(ray._private.worker.global_worker.node.address_info['webui_url'])\n"
+        "print(ray.is_initialized())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    url, initialised = result.stdout.split()[-2:]
+    assert url.startswith("127.0.0.1:")
+    assert initialised == "False"
+
+
 def test_boto3_sees_the_same_objects_as_the_lister(s3_bucket, s3_server):
     """`storage.iter_files` lists S3 page by page (boto3), keys only under the prefix, in order."""
     client = boto3.client("s3", endpoint_url=s3_server)
