@@ -194,14 +194,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_datasets(job: TrainJob):
     """Read and check the annotations (and that the image folders exist) before any Ray work."""
+    # Folders first: a missing one is the error to report, not the reader's warnings before it.
+    for images_root in (job.train_images, job.val_images):
+        if images_root and not storage.exists(images_root):
+            raise CocoError(f"{images_root}: images folder not found")
     train_data = read_coco(job.train_annotations, job.train_images)
-    _check_images_root(job.train_images)
     if not train_data.images:
         raise CocoError(f"{job.train_annotations}: no images")
     val_data = None
     if job.val_annotations:
         val_data = read_coco(job.val_annotations, job.val_images)
-        _check_images_root(job.val_images)
         if val_data.categories != train_data.categories:
             raise CocoError(
                 f"{job.val_annotations}: categories differ from those of {job.train_annotations}"
@@ -211,11 +213,6 @@ def _read_datasets(job: TrainJob):
 
 def _absolute(uri: str) -> str:
     return storage.to_uri(*storage.resolve(uri))
-
-
-def _check_images_root(uri: str) -> None:
-    if not storage.exists(uri):
-        raise CocoError(f"{uri}: images folder not found")
 
 
 if __name__ == "__main__":

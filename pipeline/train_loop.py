@@ -21,8 +21,9 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConsistencyMode
 
-from mrcnn import build_model, storage
+from mrcnn import build_model
 from mrcnn.categories import Category
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco
 from mrcnn.rle import masks_to_rle
@@ -67,7 +68,7 @@ class LoopConfig:
     seed: int
     init_weights: str | None
     metrics_uri: str
-    val_annotations: str | None
+    validate: bool
     fail_after_epoch: int | None = None
 
 
@@ -85,7 +86,11 @@ def lr_factor(step: int, config: LoopConfig) -> float:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker function; `loop_config["config"]` is a `LoopConfig`."""
+    """Ray Train's per-worker function.
+
+    `loop_config["config"]` is a `LoopConfig`; with `config.validate`,
+    `loop_config["val_ground_truth"]` is the COCO dict the validation AP is computed against.
+    """
     config: LoopConfig = loop_config["config"]
     torch.set_num_threads(config.torch_threads)
     context = ray.train.get_context()
@@ -115,20 +120,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
-    ground_truth = _validation_ground_truth(config) if rank == 0 else None
-
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.val_annotations else None
+    val_shard = ray.train.get_dataset_shard("val") if config.validate else None
     for epoch in range(start_epoch + 1, config.epochs + 1):
         metrics = _train_one_epoch(ddp_model, optimizer, scheduler, train_shard, device, config)
         metrics = {"epoch": epoch, **metrics}
         if val_shard is not None and rank == 0:
             started = time.perf_counter()
-            metrics.update(evaluate(model, val_shard, ground_truth, device, config))
+            metrics.update(evaluate(model, val_shard, loop_config["val_ground_truth"], device, config))
             metrics["val_seconds"] = time.perf_counter() - started
         history.append(metrics)
         _report(epoch, metrics, history, model, optimizer, scheduler, config, rank)
         if rank == 0:
+            # Ray Train registers a report when its controller next polls the workers; until
+            # then a worker that dies loses it. Waiting for the registration keeps metrics.jsonl
+            # (and the driver's "already complete" check that reads it) behind the checkpoints.
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             write_history(config.metrics_uri, history)
             print(f"train: {format_epoch(metrics, config.epochs)}", flush=True)
             if config.fail_after_epoch == epoch and start_epoch < epoch:
@@ -227,12 +234,6 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
     }
-
-
-def _validation_ground_truth(config: LoopConfig) -> dict | None:
-    if not config.val_annotations:
-        return None
-    return json.loads(storage.read_bytes(config.val_annotations))
 
 
 @torch.inference_mode()

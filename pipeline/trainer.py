@@ -165,7 +165,7 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
         seed=job.seed,
         init_weights=job.init_weights,
         metrics_uri=storage.join(job.output, METRICS_FILE),
-        val_annotations=val_data.annotations_uri if val_data is not None else None,
+        validate=val_data is not None,
         fail_after_epoch=int(fail_after) if fail_after else None,
     )
     datasets = {"train": training_dataset(train_data)}
@@ -174,7 +174,7 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config},
+        train_loop_config={"config": config, "val_ground_truth": evaluation_ground_truth(val_data)},
         scaling_config=ScalingConfig(
             num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
         ),
@@ -205,6 +205,22 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
         raise TrainingError("training reported no checkpoint")
     epochs = int(result.metrics["epoch"])
     return _finish(job, train_data, result.checkpoint, epochs, trained=True, metrics=result.metrics)
+
+
+def evaluation_ground_truth(dataset: CocoDataset | None) -> dict | None:
+    """The COCO dict validation AP is computed against: the annotations `read_coco` kept.
+
+    Degenerate annotations are left out of the ground truth as they are left out of training;
+    some of them (a 4-number polygon, which pycocotools reads as a box) would make pycocotools
+    fail.
+    """
+    if dataset is None:
+        return None
+    return {
+        "images": dataset.ground_truth["images"],
+        "categories": dataset.ground_truth["categories"],
+        "annotations": [a for record in dataset.images for a in record.annotations],
+    }
 
 
 def _finish(job, train_data, checkpoint, epochs, *, trained, metrics) -> TrainOutcome:

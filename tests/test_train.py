@@ -1,0 +1,315 @@
+"""jobs.train on a real local Ray and a moto S3: flags, data stages, checkpoints, resume, export.
+
+The tiny preset trains for one or two short epochs on a handful of 64 px shapes images; what is
+checked is the plumbing (files in the output, resume from the right epoch, a model that loads and
+detects), not the quality of the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from jobs import train as train_job
+from mrcnn import storage
+from mrcnn.categories import Category
+from mrcnn.coco import read_coco
+from mrcnn.model_folder import load_model
+from mrcnn.shapes import generate_shapes
+from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output, load_state
+from pipeline.metrics import LOSS_NAMES, format_epoch, read_history, write_history
+from pipeline.train_data import TrainingCollate, decode_training_batch
+from pipeline.train_loop import LoopConfig, lr_factor
+from pipeline.trainer import FAIL_AFTER_EPOCH_ENV
+
+# Shapes' category ids 1..4 become these, so the dataset has gaps as COCO does.
+GAPPED_IDS = {1: 3, 2: 7, 3: 8, 4: 12}
+TRAIN_FLAGS = ["--preset", "tiny", "--num-workers", "2", "--batch-size", "2", "--warmup-iters", "2"]
+
+
+def make_dataset(root: str, num_images: int = 8, seed: int = 0) -> tuple[str, str]:
+    """Shapes at 64 px, rewritten with the awkward cases of real COCO files.
+
+    Category ids with gaps, a crowd region, an image without annotations, and degenerate
+    annotations (a zero-area box, a two-point polygon). Returns (annotations URI, images URI).
+    """
+    generated = generate_shapes(root, num_images, seed=seed, size=64)
+    coco = json.loads(storage.read_bytes(generated.annotations_uri))
+    for category in coco["categories"]:
+        category["id"] = GAPPED_IDS[category["id"]]
+    for annotation in coco["annotations"]:
+        annotation["category_id"] = GAPPED_IDS[annotation["category_id"]]
+    empty_image = coco["images"][-1]["id"]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != empty_image]
+    next_id = max(a["id"] for a in coco["annotations"]) + 1
+    crowd = {"size": [64, 64], "counts": _rle_counts(np.pad(np.ones((10, 10), np.uint8), ((0, 54), (0, 54))))}
+    coco["annotations"] += [
+        {"id": next_id, "image_id": 1, "category_id": 3, "segmentation": crowd, "area": 100,
+         "bbox": [0, 0, 10, 10], "iscrowd": 1},
+        {"id": next_id + 1, "image_id": 1, "category_id": 7, "segmentation": [[5, 5, 20, 5, 20, 20]],
+         "area": 0, "bbox": [5, 5, 0, 0], "iscrowd": 0},
+        {"id": next_id + 2, "image_id": 2, "category_id": 8, "segmentation": [[1, 1, 2, 2]],
+         "area": 1, "bbox": [1, 1, 1, 1], "iscrowd": 0},
+    ]
+    storage.write_bytes(generated.annotations_uri, json.dumps(coco).encode())
+    return generated.annotations_uri, generated.images_root
+
+
+def _rle_counts(mask: np.ndarray) -> str:
+    return mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory) -> tuple[str, str]:
+    return make_dataset(str(tmp_path_factory.mktemp("shapes")))
+
+
+def run_job(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# --- flags and inputs: one line on stderr, exit 2, before any Ray work --------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--preset", "huge"], "--preset"),
+        (["--roi-op", "warp"], "--roi-op"),
+        (["--bogus"], "--bogus"),
+        (["--val-annotations", "x.json"], "--val-images"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(local_data, tmp_path, extra, named):
+    annotations, images = local_data
+    result = run_job(
+        "--train-annotations", annotations, "--train-images", images, "--output", str(tmp_path / "o"), *extra
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert named in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_unreadable_annotations_give_one_line_and_exit_2(local_data, tmp_path):
+    _, images = local_data
+    missing = str(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    output = str(tmp_path / "o")
+    for bad in (missing, str(tmp_path / "bad.json")):
+        result = run_job("--train-annotations", bad, "--train-images", images, "--output", output)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert bad in result.stderr
+    result = run_job(
+        "--train-annotations", local_data[0], "--train-images", str(tmp_path / "no-images"),
+        "--output", str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and "no-images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_documents_every_flag_with_its_default():
+    help_text = train_job.build_parser().format_help()
+    for flag in ("--preset", "--num-workers", "--epochs", "--batch-size", "--lr", "--roi-op",
+                 "--mask-loss", "--max-failures", "--seed", "--warmup-iters", "--lr-schedule"):
+        assert flag in help_text
+    assert help_text.count("(default") >= 14
+
+
+def test_output_of_another_run_is_refused(tmp_path):
+    categories = (Category(1, "a"), Category(5, "b"))
+    output = str(tmp_path / "run")
+    assert claim_output(output, RunIdentity("tiny", "align", "sigmoid", categories)) is False
+    assert claim_output(output, RunIdentity("tiny", "align", "sigmoid", categories)) is True
+    with pytest.raises(OutputMismatch, match="roi_op"):
+        claim_output(output, RunIdentity("tiny", "pool", "sigmoid", categories))
+
+
+# --- data stages and schedule, without Ray ----------------------------------------------------
+
+
+def test_training_rows_keep_masks_boxes_and_image_consistent_under_flips(local_data):
+    dataset = read_coco(*local_data)
+    records = dataset.to_records()
+    batch = {key: np.array([r[key] for r in records], dtype=object) for key in records[0]}
+    flipped_any = unflipped_any = False
+    for _ in range(4):  # flips are random: enough draws to see both
+        rows = decode_training_batch(batch, category_to_label=dataset.category_to_label, flip=True)
+        images, targets = TrainingCollate()({key: _column(values) for key, values in rows.items()})
+        assert len(images) == len(records)
+        for record, image, target in zip(records, images, targets, strict=True):
+            assert image.dtype == torch.float32 and image.shape == (3, record["height"], record["width"])
+            masks = target["masks"]
+            assert masks.dtype == torch.uint8 and masks.shape[1:] == image.shape[1:]
+            assert len(masks) == len(target["boxes"]) == len(target["labels"])
+            assert set(target["labels"].tolist()) <= {1, 2, 3, 4}
+            for mask, box in zip(masks, target["boxes"], strict=True):
+                ys, xs = np.nonzero(mask.numpy())  # shapes' boxes are their masks' boxes
+                assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            original = torch.from_numpy(
+                _decode(record["uri"]).astype(np.float32) / 255
+            ).permute(2, 0, 1)
+            if torch.equal(image, original):
+                unflipped_any = True
+            else:
+                assert torch.equal(image, original.flip(-1))
+                flipped_any = True
+    assert flipped_any and unflipped_any
+    no_annotations = targets[-1]
+    assert no_annotations["boxes"].shape == (0, 4) and no_annotations["masks"].shape == (0, 64, 64)
+
+
+def _column(values: list) -> np.ndarray:
+    """A 1-D object array, one element per row, as Ray Data hands variable-size columns."""
+    column = np.empty(len(values), dtype=object)
+    for index, value in enumerate(values):
+        column[index] = value
+    return column
+
+
+def _decode(uri: str) -> np.ndarray:
+    from mrcnn.images import decode_image
+
+    return decode_image(storage.read_bytes(uri))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    config = LoopConfig(
+        preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
+        epochs=2, batch_size=2, lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=10,
+        lr_schedule="cosine", steps_per_epoch=50, amp=False, torch_threads=1, seed=0,
+        init_weights=None, metrics_uri="", validate=False,
+    )
+    factors = [lr_factor(step, config) for step in range(101)]
+    assert factors[0] == pytest.approx(0.001)
+    assert max(factors) == pytest.approx(factors[10]) and factors[10] > 0.95
+    assert factors[100] == pytest.approx(0.0, abs=1e-9)
+    step = LoopConfig(**{**config.__dict__, "lr_schedule": "step"})
+    assert lr_factor(20, step) == 1.0
+    assert lr_factor(70, step) == pytest.approx(0.1)
+    assert lr_factor(90, step) == pytest.approx(0.01)
+
+
+def test_metrics_history_round_trips_and_prints_one_line(tmp_path):
+    epoch = {"epoch": 1, "loss": 1.0, **{name: 0.2 for name in LOSS_NAMES}, "lr": 0.01,
+             "images_per_second": 3.5, "segm": {"AP": 0.5, "AP50": 0.8, "AP75": 0.4}}
+    uri = str(tmp_path / "metrics.jsonl")
+    assert read_history(uri) == []
+    write_history(uri, [epoch, {**epoch, "epoch": 2}])
+    assert [e["epoch"] for e in read_history(uri)] == [1, 2]
+    line = format_epoch(epoch, 2)
+    assert "\n" not in line and "segm AP 0.500" in line and "mask 0.200" in line
+
+
+# --- end to end on Ray --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_s3_and_export_a_model_that_detects(ray_local, s3_bucket, tmp_path, capsys):
+    annotations, images = make_dataset(f"{s3_bucket}/shapes")
+    output = f"{s3_bucket}/runs/tiny"
+    code = train_job.main(
+        ["--train-annotations", annotations, "--train-images", images,
+         "--val-annotations", annotations, "--val-images", images,
+         "--output", output, "--epochs", "1", *TRAIN_FLAGS]
+    )
+    assert code == 0, capsys.readouterr()
+    history = read_history(f"{output}/metrics.jsonl")
+    assert [e["epoch"] for e in history] == [1]
+    epoch = history[0]
+    for key in ("loss", *LOSS_NAMES, "lr", "images_per_second"):
+        assert np.isfinite(epoch[key]), key
+    assert epoch["images"] == 8  # 2 workers x 4 images: every image, none twice
+    assert set(epoch["segm"]) >= {"AP", "AP50", "AP75"} and set(epoch["bbox"]) >= {"AP"}
+    assert storage.exists(f"{output}/checkpoints/epoch-0001/training_state.pt")
+
+    local_state = tmp_path / "state"
+    local_state.mkdir()
+    (local_state / "training_state.pt").write_bytes(
+        storage.read_bytes(f"{output}/checkpoints/epoch-0001/training_state.pt")
+    )
+    state = load_state(str(local_state))  # weights_only=True: plain data only
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "history"}
+
+    model, spec = load_model(f"{output}/model")
+    assert [c.id for c in spec.categories] == sorted(GAPPED_IDS.values())
+    assert spec.preset == "tiny" and spec.num_classes == 5 and (spec.min_size, spec.max_size) == (64, 96)
+    weights = torch.load(io.BytesIO(storage.read_bytes(f"{output}/model/weights.pt")), weights_only=True)
+    assert set(weights) == set(model.state_dict())
+    model.score_threshold = 0.0
+    with torch.inference_mode():
+        (prediction,) = model([torch.rand(3, 64, 64)])
+    count = len(prediction["boxes"])
+    assert prediction["boxes"].shape == (count, 4) and prediction["scores"].shape == (count,)
+    assert prediction["masks"].shape == (count, 1, 64, 64)
+    assert set(prediction["labels"].tolist()) <= {1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_last_checkpoint_and_a_finished_run_is_not_retrained(
+    ray_local, local_data, tmp_path, capsys
+):
+    annotations, images = local_data
+    output = str(tmp_path / "run")
+    argv = ["--train-annotations", annotations, "--train-images", images, "--output", output, *TRAIN_FLAGS]
+    assert train_job.main([*argv, "--epochs", "1"]) == 0
+    capsys.readouterr()
+
+    assert train_job.main([*argv, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from checkpoint" in out and "epoch 1 of 2 done" in out
+    history = read_history(f"{output}/metrics.jsonl")
+    assert [e["epoch"] for e in history] == [1, 2]
+    assert {"epoch-0001", "epoch-0002"} <= set(os.listdir(f"{output}/checkpoints"))
+    exported = os.path.getmtime(f"{output}/model/model.json")
+
+    assert train_job.main([*argv, "--epochs", "2"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert os.path.getmtime(f"{output}/model/model.json") == exported
+    assert len(read_history(f"{output}/metrics.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_a_worker_dying_after_a_checkpoint_resumes_from_it(local_data, tmp_path):
+    """The rank-0 worker process exits after checkpointing epoch 1 (fault injection). Without
+    retries the run fails and a re-run resumes; with `--max-failures 1` Ray Train restarts the
+    workers, which resume from the checkpoint, within the same run."""
+    annotations, images = local_data
+    argv = ["--train-annotations", annotations, "--train-images", images, "--epochs", "2",
+            "--num-cpus", "2", *TRAIN_FLAGS]
+    failing = {FAIL_AFTER_EPOCH_ENV: "1"}
+
+    output = str(tmp_path / "retried")
+    result = run_job(*argv, "--output", output, "--max-failures", "1", env=failing)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fault injection" in result.stdout
+    assert "resuming from checkpoint" in result.stdout and "(epoch 1 done)" in result.stdout
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1, 2]
+    assert os.path.exists(f"{output}/model/model.json")
+
+    output = str(tmp_path / "failed")
+    result = run_job(*argv, "--output", output, env=failing)
+    assert result.returncode == 1
+    assert "training failed" in result.stderr.strip().splitlines()[-1]
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1]
+    assert not os.path.exists(f"{output}/model")
+    result = run_job(*argv, "--output", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoint" in result.stdout
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1, 2]
