@@ -26,6 +26,7 @@ from mrcnn.presets import PRESETS
 from mrcnn.weights import WeightsError
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
 from pipeline.trainer import (
+    DEFAULT_LR,
     TrainingError,
     TrainJob,
     check_init_weights,
@@ -95,17 +96,21 @@ def build_parser() -> OneLineParser:
         help=f"images per worker and step (default {DEFAULTS.batch_size})",
     )
     optim.add_argument(
-        "--lr", type=bounded(float, 0.0, above=True), default=DEFAULTS.lr,
-        help=f"SGD learning rate for a total batch of 16 images, scaled linearly to num-workers x "
-        f"batch-size (default {DEFAULTS.lr})",
+        "--optimizer", choices=("sgd", "adamw"), default=DEFAULTS.optimizer,
+        help=f"SGD with momentum, as in the paper, or AdamW (default {DEFAULTS.optimizer})",
+    )
+    optim.add_argument(
+        "--lr", type=bounded(float, 0.0, above=True), default=None,
+        help="peak learning rate for a total batch of 16 images, scaled linearly to num-workers x "
+        f"batch-size (default {DEFAULT_LR['sgd']} with sgd, {DEFAULT_LR['adamw']} with adamw)",
     )
     optim.add_argument(
         "--momentum", type=bounded(float, 0.0, 1.0), default=DEFAULTS.momentum,
-        help=f"SGD momentum (default {DEFAULTS.momentum})",
+        help=f"SGD momentum, or AdamW's beta1 (default {DEFAULTS.momentum})",
     )
     optim.add_argument(
         "--weight-decay", type=bounded(float, 0.0), default=DEFAULTS.weight_decay,
-        help=f"SGD weight decay (default {DEFAULTS.weight_decay})",
+        help=f"weight decay (default {DEFAULTS.weight_decay})",
     )
     optim.add_argument(
         "--warmup-iters", type=bounded(int, 0), default=DEFAULTS.warmup_iters,
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_worker=args.cpus_per_worker,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        optimizer=args.optimizer,
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,

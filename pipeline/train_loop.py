@@ -57,6 +57,7 @@ class LoopConfig:
     categories: tuple[Category, ...]
     epochs: int
     batch_size: int
+    optimizer: str
     lr: float
     momentum: float
     weight_decay: float
@@ -70,6 +71,15 @@ class LoopConfig:
     metrics_uri: str
     validate: bool
     fail_after_epoch: int | None = None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's), or AdamW (`momentum` is then its beta1)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def lr_factor(step: int, config: LoopConfig) -> float:
@@ -109,9 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(params, config)
     # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
     # bring back the old schedule when a run resumes with more epochs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

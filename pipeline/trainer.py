@@ -41,6 +41,8 @@ FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
 REFERENCE_BATCH = 16
 WORKERS_CPU_SHARE = 0.75
 MIN_DATA_CPUS = 0.5
+# Learning rates for a total batch of `REFERENCE_BATCH` images when `--lr` is not given.
+DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 # Checkpoints kept in storage; older ones are deleted by Ray Train as new ones are reported.
 KEEP_CHECKPOINTS = 2
 MODEL_NAME = "model"
@@ -69,7 +71,8 @@ class TrainJob:
     cpus_per_worker: float | None = None
     epochs: int = 12
     batch_size: int = 4
-    lr: float = 0.02
+    optimizer: str = "sgd"
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 100
@@ -90,6 +93,11 @@ class TrainOutcome:
     trained: bool
     model_uri: str
     final_metrics: dict | None
+
+
+def base_lr(job: TrainJob) -> float:
+    """The learning rate for a total batch of `REFERENCE_BATCH` images."""
+    return job.lr if job.lr is not None else DEFAULT_LR[job.optimizer]
 
 
 def completed_epochs(job: TrainJob) -> int:
@@ -154,7 +162,8 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
         categories=train_data.categories,
         epochs=job.epochs,
         batch_size=job.batch_size,
-        lr=job.lr * total_batch / REFERENCE_BATCH,
+        optimizer=job.optimizer,
+        lr=base_lr(job) * total_batch / REFERENCE_BATCH,
         momentum=job.momentum,
         weight_decay=job.weight_decay,
         warmup_iters=min(job.warmup_iters, max(1, job.epochs * steps_per_epoch // 4)),

@@ -1,0 +1,132 @@
+"""Training step time: `jobs.train` with one Ray Train worker against a plain single-process loop.
+
+    .venv/bin/python benchmarks/train_overhead.py [--images 96] [--epochs 2] [--preset small]
+        [--batch-size 4] [--threads 1] [--rounds 1]
+
+Both sides train the same preset on the same generated shapes (128 px) with the same batch size,
+SGD settings, flips and torch threads. The plain loop is what one would write without Ray: read,
+decode and build each target inline (`mrcnn.images.decode_image`, `mrcnn.coco.build_target`),
+forward, backward, step. `jobs.train` runs end to end in a subprocess with its own local Ray
+(`--num-workers 1 --cpus-per-worker THREADS`): Ray Data decode tasks, RLE-carried masks, the
+collate in the prefetch thread, DDP wrapping (a no-op for one worker), reports and checkpoints.
+The figure compared is the last epoch's images/s of each side (the first epoch pays start-up on
+both: Ray Data's first blocks, the allocator's first shapes); `jobs.train`'s comes from its
+`metrics.jsonl` and covers the epoch's loop only, its checkpoint after the epoch excluded. With
+`--rounds N` the two sides take turns N times and the best of each counts. The last line is the
+step-time ratio `overhead: train / plain` (goal <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from mrcnn import build_model, storage
+from mrcnn.coco import build_target, read_coco
+from mrcnn.images import decode_image
+from mrcnn.shapes import generate_shapes
+from pipeline.trainer import DEFAULT_LR, REFERENCE_BATCH
+
+WARMUP_ITERS = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96, help="generated training images")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs; the last one is measured")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+    parser.add_argument("--rounds", type=int, default=1, help="turns of the two sides; best counts")
+    return parser
+
+
+def plain_loop(annotations: str, images: str, args: argparse.Namespace) -> float:
+    """Images/s of the last epoch of a single-process training loop."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dataset = read_coco(annotations, images)
+    model = build_model(args.preset, len(dataset.categories) + 1)
+    model.train()
+    lr = DEFAULT_LR["sgd"] * args.batch_size / REFERENCE_BATCH
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    rng = np.random.default_rng(0)
+    step, images_per_second = 0, 0.0
+    for _ in range(args.epochs):
+        order = rng.permutation(len(dataset.images))
+        started, seen = time.perf_counter(), 0
+        for first in range(0, len(order), args.batch_size):
+            batch, targets = [], []
+            for index in order[first : first + args.batch_size]:
+                record = dataset.images[index]
+                pixels = decode_image(storage.read_bytes(record.uri))
+                target = build_target(
+                    record.annotations, record.height, record.width, dataset.category_to_label
+                )
+                image = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)
+                boxes, masks = torch.from_numpy(target["boxes"]), torch.from_numpy(target["masks"])
+                if rng.random() < 0.5:
+                    x1, y1, x2, y2 = boxes.unbind(1)
+                    image, masks = image.flip(-1), masks.flip(-1)
+                    boxes = torch.stack([record.width - x2, y1, record.width - x1, y2], 1)
+                batch.append(image)
+                targets.append({"boxes": boxes, "labels": torch.from_numpy(target["labels"]), "masks": masks})
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / WARMUP_ITERS)
+            losses = model(batch, targets)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, seen = step + 1, seen + len(batch)
+        images_per_second = seen / (time.perf_counter() - started)
+    return images_per_second
+
+
+def ray_train(annotations: str, images: str, output: str, args: argparse.Namespace) -> float:
+    """Images/s of the last epoch of `jobs.train` with one worker (from its metrics.jsonl)."""
+    command = [
+        sys.executable, "-m", "jobs.train", "--train-annotations", annotations, "--train-images", images,
+        "--output", output, "--preset", args.preset, "--num-workers", "1",
+        "--cpus-per-worker", str(args.threads), "--batch-size", str(args.batch_size),
+        "--epochs", str(args.epochs), "--warmup-iters", str(WARMUP_ITERS),
+        "--num-cpus", str(os.cpu_count()),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"jobs.train failed:\n{result.stderr[-3000:]}")
+    last = json.loads(storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()[-1])
+    return float(last["images_per_second"])
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        data = generate_shapes(os.path.join(root, "shapes"), args.images, seed=0, size=128)
+        best_plain, best_train = 0.0, 0.0
+        for turn in range(args.rounds):
+            plain = plain_loop(data.annotations_uri, data.images_root, args)
+            train = ray_train(data.annotations_uri, data.images_root, os.path.join(root, f"run{turn}"), args)
+            print(f"round {turn + 1}: plain loop {plain:.2f} images/s, jobs.train {train:.2f} images/s")
+            best_plain, best_train = max(best_plain, plain), max(best_train, train)
+    steps = math.ceil(args.images / args.batch_size)
+    print(
+        f"preset {args.preset}, {args.images} images of 128 px, batch {args.batch_size}, "
+        f"{steps} steps/epoch, {args.threads} torch thread(s), last of {args.epochs} epochs, "
+        f"best of {args.rounds} round(s)"
+    )
+    print(f"plain loop: {best_plain:.2f} images/s ({args.batch_size / best_plain:.3f} s/step)")
+    print(f"jobs.train, 1 worker: {best_train:.2f} images/s ({args.batch_size / best_train:.3f} s/step)")
+    print(f"overhead: {best_plain / best_train:.3f}")
+
+
+if __name__ == "__main__":
+    main()
