@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -313,3 +315,105 @@ def test_a_worker_dying_after_a_checkpoint_resumes_from_it(local_data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint" in result.stdout
     assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1, 2]
+
+
+# --- fault tolerance (issue 7) -------------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    """Processes whose chain of parents reaches `root` (from /proc; Linux)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor and ancestor != root:
+            ancestor = parents.get(ancestor)
+        if ancestor == root:
+            found.append(pid)
+    return found
+
+
+def _train_workers(root: int) -> list[int]:
+    workers = []
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if cmdline.read().startswith(b"ray::RayTrainWorker"):
+                    workers.append(pid)
+        except OSError:
+            continue
+    return workers
+
+
+@pytest.mark.slow
+def test_killing_a_train_worker_after_the_first_checkpoint_resumes_and_finishes(local_data, tmp_path):
+    """SIGKILL one Ray Train worker process of a running `jobs.train` as soon as epoch 1 is
+    checkpointed; with `--max-failures 1` the run restarts its workers from that checkpoint."""
+    annotations, images = local_data
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "jobs.train", "--train-annotations", annotations, "--train-images", images,
+        "--output", str(output), "--epochs", "3", "--max-failures", "1", "--num-cpus", "2", *TRAIN_FLAGS,
+    ]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        job = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        killed = None
+        try:
+            while job.poll() is None and killed is None:
+                if (output / "metrics.jsonl").exists() and (workers := _train_workers(job.pid)):
+                    killed = workers[-1]
+                    os.kill(killed, signal.SIGKILL)
+                time.sleep(0.1)
+            job.wait(timeout=600)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = log.read_text()
+    assert killed is not None, text[-3000:]
+    assert job.returncode == 0, text[-3000:]
+    assert "resuming from checkpoint" in text
+    epochs = [e["epoch"] for e in read_history(str(output / "metrics.jsonl"))]
+    assert epochs == [1, 2, 3]
+    assert (output / "model" / "model.json").exists()
+
+
+@pytest.mark.slow
+def test_intermittent_s3_503s_on_data_and_checkpoints_are_retried(s3_bucket, s3_server):
+    from test_segment import FlakyS3Proxy  # the 503-injecting proxy of the segmentation tests
+
+    annotations, images = make_dataset(f"{s3_bucket}/shapes")
+    output = f"{s3_bucket}/runs/flaky"
+    argv = ["--train-annotations", annotations, "--train-images", images, "--output", output,
+            "--epochs", "1", "--num-cpus", "2", *TRAIN_FLAGS]
+    rates = dict.fromkeys(("GET", "PUT", "POST", "HEAD", "DELETE"), 0.2)
+    with FlakyS3Proxy(s3_server, rates) as proxy:
+        result = run_job(*argv, env={"AWS_ENDPOINT_URL": proxy.url})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.failures > 5
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1]
+    assert storage.exists(f"{output}/checkpoints/epoch-0001/training_state.pt")
+    load_model(f"{output}/model")
+
+
+@pytest.mark.slow
+def test_s3_writes_that_keep_failing_end_the_run_clearly_without_output(s3_bucket, s3_server):
+    from test_segment import FlakyS3Proxy
+
+    annotations, images = make_dataset(f"{s3_bucket}/shapes")
+    output = f"{s3_bucket}/runs/down"
+    argv = ["--train-annotations", annotations, "--train-images", images, "--output", output,
+            "--epochs", "1", "--num-cpus", "2", *TRAIN_FLAGS]
+    with FlakyS3Proxy(s3_server, {"PUT": 1.0, "POST": 1.0}) as proxy:
+        result = run_job(*argv, env={"AWS_ENDPOINT_URL": proxy.url, "MRCNN_S3_MAX_ATTEMPTS": "2"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: error:") and output in last, last
+    assert list(storage.iter_files(output)) == []
