@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.ray_runtime import ray_session
-    from pipeline.segment import SegmentConfig, run_segmentation
+    from pipeline.segment import SegmentConfig, SegmentError, run_segmentation
 
     config = SegmentConfig(
         input=spec,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ray_session(num_cpus=args.num_cpus):
             report = run_segmentation(config)
-    except StorageError as error:
+    except (SegmentError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 1
     summary = report.to_dict()

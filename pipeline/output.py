@@ -4,7 +4,7 @@ Exactly-once from at-least-once: Ray retries tasks and restarts actors, so a bat
 processed twice, and a killed job is run again. Every batch of rows is committed as one Parquet
 file named after its content, `part-<sha1 of the batch's sorted input paths>.parquet`, written in
 one piece with `mrcnn.storage.write_bytes` (local: a hidden temporary file renamed into place; S3:
-one PUT, atomic; a batch file is far below pyarrow's 10 MB multipart threshold). A retried batch
+pyarrow's multipart upload, whose object appears only when the upload completes). A retried batch
 rewrites the same name with the same rows, so nothing is duplicated, and a reader never sees a
 partial file (pyarrow, DuckDB and pandas skip `.`/`_` names). A re-run reads only the `path` column
 of the committed files, keeps their 64-bit hashes (`committed_path_hashes`, 8 bytes per row) and

@@ -43,6 +43,10 @@ from pipeline.postprocess import rows_from_detections
 logger = logging.getLogger(__name__)
 
 
+class SegmentError(Exception):
+    """The job stopped on a failure that Ray's retries did not cure; the message is one line."""
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
     """One segmentation job; the fields mirror the flags of `jobs.segment`."""
@@ -106,6 +110,19 @@ def finish_batch(
 
 def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts; iterating it runs the job."""
+    # A Dataset copies the current DataContext when it is created: the flag reaches every stage
+    # of this one (a failure then names our StorageError, not Ray's UserCodeException), and the
+    # caller's context is left as it was.
+    context = ray.data.DataContext.get_current()
+    previous = context.raise_original_map_exception
+    context.raise_original_map_exception = True
+    try:
+        return _build_dataset(config, done)
+    finally:
+        context.raise_original_map_exception = previous
+
+
+def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
     use_gpu = config.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
     threads = max(1, int(config.cpus_per_actor))
@@ -173,9 +190,15 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     done_hashes = output.committed_path_hashes(config.output_uri)
     done = ray.put(done_hashes) if done_hashes.size else None
     counts = {"images": 0, "errors": 0, "instances": 0}
-    for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
-        for name in counts:
-            counts[name] += int(batch[name].sum())
+    try:
+        for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
+            for name in counts:
+                counts[name] += int(batch[name].sum())
+    except ray.exceptions.RayError as error:
+        raise SegmentError(
+            f"the job stopped: {_root_cause(error)}; the files already in the output are complete, "
+            f"re-run the same command to go on"
+        ) from error
     summary = output.summarize(config.output_uri)
     repaired = 0
     if summary.duplicate_paths:
@@ -192,3 +215,15 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     if not summary.duplicate_paths:
         output.write_success(config.output_uri, report.to_dict())
     return report
+
+
+def _root_cause(error: BaseException) -> str:
+    """The original exception under Ray's wrappers, as one line."""
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None or inner is error:
+            break
+        error = inner
+    # Ray appends lines of retry advice to the message it re-raises; ours are one line.
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
