@@ -1,19 +1,20 @@
 """Training step time: `jobs.train` with one Ray Train worker against a plain single-process loop.
 
     .venv/bin/python benchmarks/train_overhead.py [--images 96] [--epochs 2] [--preset small]
-        [--batch-size 4] [--threads 1] [--rounds 1]
+        [--batch-size 4] [--threads 1] [--rounds 1] [--amp]
 
 Both sides train the same preset on the same generated shapes (128 px) with the same batch size,
-SGD settings, flips and torch threads. The plain loop is what one would write without Ray: read,
-decode and build each target inline (`mrcnn.images.decode_image`, `mrcnn.coco.build_target`),
-forward, backward, step. `jobs.train` runs end to end in a subprocess with its own local Ray
-(`--num-workers 1 --cpus-per-worker THREADS`): Ray Data decode tasks, RLE-carried masks, the
-collate in the prefetch thread, DDP wrapping (a no-op for one worker), reports and checkpoints.
-The figure compared is the last epoch's images/s of each side (the first epoch pays start-up on
-both: Ray Data's first blocks, the allocator's first shapes); `jobs.train`'s comes from its
-`metrics.jsonl` and covers the epoch's loop only, its checkpoint after the epoch excluded. With
-`--rounds N` the two sides take turns N times and the best of each counts. The last line is the
-step-time ratio `overhead: train / plain` (goal <= 1.05).
+SGD settings, flips and torch threads (and, with `--amp`, bfloat16 autocast). The plain loop is
+what one would write without Ray: read, decode and build each target inline
+(`mrcnn.images.decode_image`, `mrcnn.coco.build_target`), forward, backward, step. `jobs.train`
+runs end to end in a subprocess with its own local Ray (`--num-workers 1 --cpus-per-worker
+THREADS`): Ray Data decode tasks, RLE-carried masks, the collate in the prefetch thread, DDP
+wrapping (a no-op for one worker), reports and checkpoints. The figure compared is the last
+epoch's images/s of each side (the first epoch pays start-up on both: Ray Data's first blocks,
+the allocator's first shapes); `jobs.train`'s comes from its `metrics.jsonl` and covers the
+epoch's loop only, its checkpoint after the epoch excluded. With `--rounds N` the two sides take
+turns N times and the best of each counts. The last line is the step-time ratio
+`overhead: train / plain` (goal <= 1.05).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--rounds", type=int, default=1, help="turns of the two sides; best counts")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on both sides")
     return parser
 
 
@@ -82,7 +84,8 @@ def plain_loop(annotations: str, images: str, args: argparse.Namespace) -> float
                 targets.append({"boxes": boxes, "labels": torch.from_numpy(target["labels"]), "masks": masks})
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / WARMUP_ITERS)
-            losses = model(batch, targets)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+                losses = model(batch, targets)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
@@ -98,7 +101,7 @@ def ray_train(annotations: str, images: str, output: str, args: argparse.Namespa
         "--output", output, "--preset", args.preset, "--num-workers", "1",
         "--cpus-per-worker", str(args.threads), "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--warmup-iters", str(WARMUP_ITERS),
-        "--num-cpus", str(os.cpu_count()),
+        "--num-cpus", str(os.cpu_count()), *(["--amp"] if args.amp else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -121,7 +124,7 @@ def main() -> None:
     print(
         f"preset {args.preset}, {args.images} images of 128 px, batch {args.batch_size}, "
         f"{steps} steps/epoch, {args.threads} torch thread(s), last of {args.epochs} epochs, "
-        f"best of {args.rounds} round(s)"
+        f"best of {args.rounds} round(s), {'bf16 autocast' if args.amp else 'float32'}"
     )
     print(f"plain loop: {best_plain:.2f} images/s ({args.batch_size / best_plain:.3f} s/step)")
     print(f"jobs.train, 1 worker: {best_train:.2f} images/s ({args.batch_size / best_train:.3f} s/step)")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConsistencyMode
 
-from mrcnn import build_model
+from mrcnn import build_model, storage
 from mrcnn.categories import Category
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco
 from mrcnn.rle import masks_to_rle
@@ -114,7 +114,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.load_state_dict(state["model"])
     elif config.init_weights:
         initialise_from(model, config.init_weights, log=rank == 0)
-    # Different sampling of RoIs and flips on each worker, the same weights everywhere.
+    # Before DDP wraps the model: DDP must only see the parameters that will get gradients.
+    set_training_mode(model, config)
+    # The same weights everywhere (DDP also broadcasts rank 0's), a different RoI sampling each.
     torch.manual_seed(config.seed + 1000 * (rank + 1))
     ddp_model = ray.train.torch.prepare_model(model)
 
@@ -159,10 +161,8 @@ def _resume_state(rank: int) -> dict | None:
     with checkpoint.as_directory() as directory:
         state = load_state(directory)
     if rank == 0:
-        print(
-            f"train: resuming from checkpoint {checkpoint.path} (epoch {int(state['epoch'])} done)",
-            flush=True,
-        )
+        uri = storage.to_uri(checkpoint.filesystem, checkpoint.path)
+        print(f"train: resuming from checkpoint {uri} (epoch {int(state['epoch'])} done)", flush=True)
     return state
 
 
@@ -190,13 +190,28 @@ def initialise_from(model: torch.nn.Module, uri: str, *, log: bool) -> tuple[int
     return len(matching), len(own)
 
 
+def set_training_mode(model: torch.nn.Module, config: LoopConfig) -> None:
+    """`model.train()`, except that a backbone initialised from weights keeps its BatchNorm frozen.
+
+    Batch statistics of a few images per worker would overwrite the running statistics the
+    weights were trained with, so, as torchvision's reference does for pretrained backbones, the
+    ResNet's BatchNorm layers then normalise with their stored statistics and are not trained.
+    """
+    model.train()
+    if config.init_weights:
+        for module in model.backbone.body.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+                module.requires_grad_(False)
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopConfig) -> dict:
     """One pass over this worker's shard; loss means and throughput over all workers."""
-    model.train()
+    set_training_mode(getattr(model, "module", model), config)
     sums = torch.zeros(len(LOSS_NAMES) + 2, dtype=torch.float64)  # losses, steps, images
     started = time.perf_counter()
     batches = shard.iter_torch_batches(
@@ -270,7 +285,7 @@ def evaluate(model, shard, ground_truth: dict, device: torch.device, config: Loo
                 )
     finally:
         model.paste_masks = True
-        model.train()
+        set_training_mode(model, config)
     return evaluate_coco(ground_truth, detections)
 
 

@@ -21,15 +21,16 @@ import torch
 from pycocotools import mask as mask_utils
 
 from jobs import train as train_job
-from mrcnn import storage
+from mrcnn import build_model, storage
 from mrcnn.categories import Category
 from mrcnn.coco import read_coco
 from mrcnn.model_folder import load_model
 from mrcnn.shapes import generate_shapes
+from mrcnn.weights import WeightsError
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output, load_state
 from pipeline.metrics import LOSS_NAMES, format_epoch, read_history, write_history
 from pipeline.train_data import TrainingCollate, decode_training_batch
-from pipeline.train_loop import LoopConfig, lr_factor
+from pipeline.train_loop import LoopConfig, initialise_from, lr_factor, set_training_mode
 from pipeline.trainer import FAIL_AFTER_EPOCH_ENV
 
 # Shapes' category ids 1..4 become these, so the dataset has gaps as COCO does.
@@ -191,13 +192,17 @@ def _decode(uri: str) -> np.ndarray:
     return decode_image(storage.read_bytes(uri))
 
 
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    config = LoopConfig(
+def _config() -> LoopConfig:
+    return LoopConfig(
         preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
         epochs=2, batch_size=2, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=10,
         lr_schedule="cosine", steps_per_epoch=50, amp=False, torch_threads=1, seed=0,
         init_weights=None, metrics_uri="", validate=False,
     )
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    config = _config()
     factors = [lr_factor(step, config) for step in range(101)]
     assert factors[0] == pytest.approx(0.001)
     assert max(factors) == pytest.approx(factors[10]) and factors[10] > 0.95
@@ -206,6 +211,44 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(20, step) == 1.0
     assert lr_factor(70, step) == pytest.approx(0.1)
     assert lr_factor(90, step) == pytest.approx(0.01)
+
+
+def test_init_weights_copy_what_fits_and_freeze_the_backbone_batchnorm(tmp_path):
+    torch.manual_seed(1)
+    source = build_model("tiny", 3)  # other categories: its predictors do not fit
+    path = str(tmp_path / "weights.pt")
+    torch.save(source.state_dict(), path)
+    model = build_model("tiny", 5)
+    copied, total = initialise_from(model, path, log=False)
+    assert 0 < copied < total
+    own, theirs = model.state_dict(), source.state_dict()
+    conv, scores = "backbone.body.layer1.0.conv1.weight", "roi_heads.box_predictor.cls_score.bias"
+    assert torch.equal(own[conv], theirs[conv])
+    assert own[scores].shape == (5,) and theirs[scores].shape == (3,)
+
+    config = LoopConfig(**{**_config().__dict__, "init_weights": path})
+    set_training_mode(model, config)
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training and not m.weight.requires_grad for m in norms)
+    assert model.roi_heads.training and model.roi_heads.mask_head[0][0].weight.requires_grad
+
+    with pytest.raises(WeightsError):
+        initialise_from(model, str(tmp_path / "missing.pt"), log=False)
+
+
+def test_init_weights_that_fit_nothing_end_with_one_error_line_and_exit_2(local_data, tmp_path):
+    """After the reader's one warning about the dataset's degenerate annotations."""
+    annotations, images = local_data
+    path = tmp_path / "unrelated.pt"
+    torch.save({"something.else": torch.zeros(3)}, path)
+    result = run_job(
+        "--train-annotations", annotations, "--train-images", images, "--output", str(tmp_path / "o"),
+        "--init-weights", str(path),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "skipped 2 of" in lines[0], result.stderr
+    assert lines[1].startswith("train: error:") and str(path) in lines[1]
 
 
 def test_metrics_history_round_trips_and_prints_one_line(tmp_path):
