@@ -8,13 +8,16 @@ Three kinds of input:
 Manifest entries are taken as they are, whatever their extension (a listed file that is not an
 image becomes an error row); relative entries are relative to the manifest's folder, so a manifest
 means the same thing wherever the job runs, and local paths become absolute. A manifest can name
-an input twice; the second mention is dropped (a set of 64-bit path hashes in the listing task).
+an input twice; the second mention is dropped (a set of 64-bit path hashes in the listing task,
+about 70 bytes per manifest line in that task, none in the driver).
 
-Streaming: `PathDatasource` has a single read task, a generator that yields a block of
-`rows_per_block` paths as soon as it has them, so inference starts after the first page and the
-driver never holds the listing. Ray Data runs read tasks as streaming generators and pauses them
-when the stages downstream fall behind (backpressure), which keeps memory bounded. One lister is
-enough: S3 lists some 10,000 keys a second, far more than a cluster segments. `--limit N` keeps the
+Streaming: `PathDatasource` has a single read task, a generator that yields blocks of
+`rows_per_block` paths as each chunk of `FILTER_CHUNK` listed inputs has been checked against the
+done set, so inference starts after the first S3 page and the driver never holds the listing. Ray
+Data runs read tasks as streaming generators and pauses them when the stages downstream fall
+behind (backpressure), which keeps memory bounded. One lister is enough: each ListObjectsV2
+request returns 1,000 keys, so even a cluster segmenting 1,000 images a second needs one request
+a second. `--limit N` keeps the
 first N inputs of the listing (before skipping those done), so a re-run of the same command
 completes the same set. The read task asks for no CPU, so the long-lived lister never keeps a decode
 task from being scheduled, and it is not fused with the decode stage (different resources).

@@ -295,6 +295,20 @@ def test_rerun_completes_the_output_exactly_once(tmp_path, model_dir, ray_local)
     assert (success["images"], success["repaired_duplicates"], success["duplicate_paths"]) == (8, 2, 0)
 
 
+def test_decoding_runs_on_tasks_not_on_the_inference_actor(tmp_path, model_dir, ray_local):
+    """Ray Data must not fuse decode into the actor stage (it would decode on the accelerator's actor)."""
+    from pipeline.listing import check_input
+    from pipeline.segment import SegmentConfig, build_dataset
+
+    write_files(str(tmp_path / "images"), {"a.png": GOOD["a.png"]})
+    config = SegmentConfig(check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir)
+    dataset = build_dataset(config, done=None)
+    assert sum(int(batch["images"].sum()) for batch in dataset.iter_batches(batch_size=None)) == 1
+    stats = dataset.stats()
+    assert "MapBatches(decode_batch)" in stats
+    assert "MapBatches(decode_batch)->MapBatches(Segmenter)" not in stats
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
