@@ -205,8 +205,10 @@ def _read_datasets(job: TrainJob):
         if images_root and not storage.exists(images_root):
             raise CocoError(f"{images_root}: images folder not found")
     train_data = read_coco(job.train_annotations, job.train_images)
-    if not train_data.images:
-        raise CocoError(f"{job.train_annotations}: no images")
+    if len(train_data.images) < job.num_workers:
+        raise CocoError(
+            f"{job.train_annotations}: {len(train_data.images)} images for {job.num_workers} workers"
+        )
     val_data = None
     if job.val_annotations:
         val_data = read_coco(job.val_annotations, job.val_images)

@@ -146,12 +146,9 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
 
     cpus_per_worker = job.cpus_per_worker or _default_worker_cpus(job.num_workers)
     _warn_if_too_small(job, cpus_per_worker)
+    # Ray Data splits the rows equally (each worker must run as many DDP steps as the others).
     rows_per_worker = len(train_data.images) // job.num_workers
-    if rows_per_worker == 0:
-        raise TrainingError(
-            f"{job.train_annotations}: {len(train_data.images)} images for {job.num_workers} workers"
-        )
-    steps_per_epoch = math.ceil(rows_per_worker / job.batch_size)
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size))
     total_batch = job.num_workers * job.batch_size
     fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
     config = LoopConfig(

@@ -266,7 +266,7 @@ def test_metrics_history_round_trips_and_prints_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_train_on_s3_and_export_a_model_that_detects(ray_local, s3_bucket, tmp_path, capsys):
+def test_two_workers_on_s3_export_a_detecting_model_and_resume(ray_local, s3_bucket, tmp_path, capsys):
     annotations, images = make_dataset(f"{s3_bucket}/shapes")
     output = f"{s3_bucket}/runs/tiny"
     code = train_job.main(
@@ -304,6 +304,12 @@ def test_two_workers_train_on_s3_and_export_a_model_that_detects(ray_local, s3_b
     assert prediction["boxes"].shape == (count, 4) and prediction["scores"].shape == (count,)
     assert prediction["masks"].shape == (count, 1, 64, 64)
     assert set(prediction["labels"].tolist()) <= {1, 2, 3, 4}
+
+    capsys.readouterr()
+    argv = ["--train-annotations", annotations, "--train-images", images, "--output", output, *TRAIN_FLAGS]
+    assert train_job.main([*argv, "--epochs", "2"]) == 0
+    assert f"resuming from checkpoint {output}/checkpoints/epoch-0001" in capsys.readouterr().out
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1, 2]
 
 
 @pytest.mark.slow
