@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -162,7 +163,7 @@ class PathDatasource(Datasource):
     `done` is an object reference to a sorted `uint64[D]` array of path hashes (or None).
     """
 
-    def __init__(self, spec: InputSpec, rows_per_block: int, done=None):
+    def __init__(self, spec: InputSpec, rows_per_block: int, done: ray.ObjectRef | None = None):
         super().__init__()
         self._spec = spec
         self._rows_per_block = rows_per_block
@@ -175,8 +176,6 @@ class PathDatasource(Datasource):
         spec, rows_per_block, done = self._spec, self._rows_per_block, self._done
 
         def read() -> Iterator[pa.Table]:
-            import ray
-
             done_hashes = ray.get(done) if done is not None else np.zeros(0, np.uint64)
             pending: list[str] = []
             for chunk in _chunks(iter_inputs(spec), FILTER_CHUNK):

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import ray
 
 from mrcnn.categories import Category
@@ -104,7 +105,7 @@ def finish_batch(
     return {
         "images": np.array([table.num_rows]),
         "errors": np.array([table.num_rows - table.column("error").null_count]),
-        "instances": np.array([sum(len(ids) for ids in table.column("category_ids").to_pylist())]),
+        "instances": np.array([pc.sum(pc.list_value_length(table.column("category_ids"))).as_py() or 0]),
     }
 
 
