@@ -59,7 +59,7 @@ def training_dataset(dataset: CocoDataset, *, flip: bool = True):
     """Decoded training rows (see `decode_training_batch`), in an order that changes every epoch.
 
     The block order is shuffled on every pass over the data; the workers shuffle rows further
-    with a local buffer (`iterate_training_batches`).
+    with a local buffer as they iterate (`pipeline.train_loop`).
     """
     return (
         records_dataset(dataset)
