@@ -35,7 +35,8 @@ def rows_from_detections(
         labels = np.asarray(batch["labels"][row], np.int64).reshape(-1)
         masks: list[str] = []
         if len(boxes):
-            probs = torch.from_numpy(np.asarray(batch["mask_probs"][row], np.float32))
+            # A writable copy: Ray hands batches over read-only, zero-copy from the object store.
+            probs = torch.as_tensor(np.array(batch["mask_probs"][row], np.float32))
             counts = masks_to_rle(
                 probs.unsqueeze(1), torch.from_numpy(boxes), height, width, MASK_THRESHOLD
             )
