@@ -190,7 +190,9 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-            # Ray Train logs every report with all its metrics at INFO; we print one line per epoch.
+            # Ray Train's INFO lines (device moves, DDP wrapping, report bookkeeping) would bury the
+            # one line per epoch we print. Ray 2.60 still prints "Reporting training result" for
+            # each report: that logger is named after its file, outside "ray.train".
             logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
