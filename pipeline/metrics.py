@@ -2,7 +2,8 @@
 
 One JSON object per completed epoch: `epoch` (1-based), `loss` and the five loss terms
 (`LOSS_NAMES`, means over the epoch's steps and workers), `lr` (at the end of the epoch),
-`images`, `seconds`, `images_per_second` (all workers together), and with a validation set
+`images`, `seconds`, `images_per_second` (all workers together), `data_wait_seconds` (time a
+worker spent waiting for its next batch, mean over workers), and with a validation set
 `bbox` and `segm`, each COCOeval's 12 stats by name (`mrcnn.evaluation.STAT_NAMES`).
 
 The file is rewritten whole from the run's history, which travels inside each checkpoint, so

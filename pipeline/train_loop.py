@@ -212,7 +212,9 @@ def _autocast(device: torch.device, enabled: bool):
 def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopConfig) -> dict:
     """One pass over this worker's shard; loss means and throughput over all workers."""
     set_training_mode(getattr(model, "module", model), config)
-    sums = torch.zeros(len(LOSS_NAMES) + 2, dtype=torch.float64)  # losses, steps, images
+    # Per worker, summed over workers below: the loss terms, then steps, images, and the seconds
+    # spent waiting for the next batch (the input pipeline's share of the epoch).
+    sums = torch.zeros(len(LOSS_NAMES) + 3, dtype=torch.float64)
     started = time.perf_counter()
     batches = shard.iter_torch_batches(
         batch_size=config.batch_size,
@@ -220,7 +222,7 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         local_shuffle_buffer_size=config.batch_size * SHUFFLE_BATCHES,
         prefetch_batches=2,
     )
-    for images, targets in batches:
+    for images, targets, waited in _timed(batches):
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with _autocast(device, config.amp):
@@ -237,8 +239,7 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         optimizer.step()
         scheduler.step()
         sums[: len(LOSS_NAMES)] += values.double()
-        sums[-2] += 1
-        sums[-1] += len(images)
+        sums[-3:] += torch.tensor([1.0, len(images), waited], dtype=torch.float64)
     seconds = time.perf_counter() - started
     if dist.is_available() and dist.is_initialized():
         reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -247,7 +248,8 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         elapsed = torch.tensor([seconds], dtype=torch.float64, device=reduce_device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         sums, seconds = totals.cpu(), float(elapsed.item())
-    steps, images = max(1.0, float(sums[-2])), int(sums[-1])
+    steps, images = max(1.0, float(sums[-3])), int(sums[-2])
+    workers = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     means = {name: float(sums[i]) / steps for i, name in enumerate(LOSS_NAMES)}
     return {
         "loss": sum(means.values()),
@@ -256,7 +258,20 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         "images": images,
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
+        "data_wait_seconds": float(sums[-1]) / workers,
     }
+
+
+def _timed(batches):
+    """Yield `(images, targets, seconds waited for them)` for each batch of `batches`."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            images, targets = next(iterator)
+        except StopIteration:
+            return
+        yield images, targets, time.perf_counter() - started
 
 
 @torch.inference_mode()
