@@ -14,11 +14,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
-from torchvision.models.detection.roi_heads import expand_boxes
 
 # torchvision pastes masks with one pixel of zero padding around the M x M grid (and the box grown
 # by the same factor), so that the mask falls off smoothly at the box border.
 PASTE_PADDING = 1
+
+
+def expand_boxes(boxes: torch.Tensor, scale: float) -> torch.Tensor:
+    """float[N, 4] boxes grown about their centres by `scale`: torchvision's eager `expand_boxes`,
+    operation for operation (so the pasted pixels match), kept here so that the CPU tasks that
+    encode masks import torch but not torchvision."""
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    w_half *= scale
+    h_half *= scale
+    return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ about 70 bytes per manifest line in that task, none in the driver).
 
 Streaming: `PathDatasource` has a single read task, a generator that yields blocks of
 `rows_per_block` paths as each chunk of `FILTER_CHUNK` listed inputs has been checked against the
-done set, so inference starts after the first S3 page and the driver never holds the listing. Ray
+done set, and the driver never holds the listing. Ray Data gathers those blocks up to the
+dataset's target block size (`pipeline.segment.TARGET_MAX_BLOCK_SIZE`, ~15,000 paths) before it
+hands them on; the segmentation dataset then cuts them back into batches, one decode task each. Ray
 Data runs read tasks as streaming generators and pauses them when the stages downstream fall
 behind (backpressure), which keeps memory bounded. One lister is enough: each ListObjectsV2
 request returns 1,000 keys, so even a cluster segmenting 1,000 images a second needs one request

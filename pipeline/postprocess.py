@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from mrcnn.categories import Category
 from mrcnn.rle import masks_to_rle
+from pipeline import output
 from pipeline.output import SCHEMA
 
 MASK_THRESHOLD = 0.5
@@ -53,3 +55,16 @@ def rows_from_detections(
         columns["error"].append(error or None)
         columns["model"].append(model_uri)
     return pa.table(columns, schema=SCHEMA)
+
+
+def finish_batch(
+    batch: dict[str, np.ndarray], *, categories: tuple[Category, ...], model_uri: str, output_uri: str
+) -> dict[str, np.ndarray]:
+    """Encode and commit one inference batch; returns one row of counts for the driver."""
+    table = rows_from_detections(batch, categories, model_uri)
+    output.commit_part(table, output_uri)
+    return {
+        "images": np.array([table.num_rows]),
+        "errors": np.array([table.num_rows - table.column("error").null_count]),
+        "instances": np.array([pc.sum(pc.list_value_length(table.column("category_ids"))).as_py() or 0]),
+    }

@@ -9,7 +9,7 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
 3. `Segmenter` (`pipeline.inference`): an actor pool, fixed (`actors=(N, N)`) or autoscaling
    (`(MIN, MAX)`), each actor loading the model once; `num_gpus=gpus_per_actor` when the cluster has
    GPUs, CPU actors of `cpus_per_actor` CPUs (and as many torch threads) otherwise.
-4. `finish_batch`: CPU tasks encode the masks (`pipeline.postprocess`) and commit every
+4. `finish_batch` (`pipeline.postprocess`): CPU tasks encode the masks and commit every
    `rows_per_file` rows as one Parquet file (`pipeline.output.commit_part`), returning one small
    row of counts. Files are decoupled from inference batches: a few hundred rows per file suit
    readers better than one tiny file per batch, and a kill loses at most that much work per task.
@@ -29,19 +29,25 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow.compute as pc
 import ray
 
-from mrcnn.categories import Category
 from mrcnn.model_folder import load_spec
 from pipeline import output
 from pipeline.decode import decode_batch
 from pipeline.inference import Segmenter
 from pipeline.listing import InputSpec, PathDatasource
-from pipeline.postprocess import rows_from_detections
+from pipeline.postprocess import finish_batch
 
 logger = logging.getLogger(__name__)
+
+
+# Ray Data gathers what a task yields into blocks of up to `target_max_block_size` bytes (128 MiB
+# by default) before it hands any on. For the listing, whose rows are paths of ~60 bytes, that
+# would hold back the first block until millions of paths were listed, and that one block would
+# become one decode task: no streaming, no parallel decode. At 1 MiB the first block leaves the
+# lister after ~15,000 paths (15 S3 pages) and the repartition below cuts it into batches. Decoded
+# images and detections are ~0.1-3 MB per row, so their blocks hold one to a few rows.
+TARGET_MAX_BLOCK_SIZE = 1 << 20
 
 
 class SegmentError(Exception):
@@ -96,31 +102,19 @@ class SegmentReport:
         }
 
 
-def finish_batch(
-    batch: dict[str, np.ndarray], *, categories: tuple[Category, ...], model_uri: str, output_uri: str
-) -> dict[str, np.ndarray]:
-    """Encode and commit one inference batch; returns one row of counts for the driver."""
-    table = rows_from_detections(batch, categories, model_uri)
-    output.commit_part(table, output_uri)
-    return {
-        "images": np.array([table.num_rows]),
-        "errors": np.array([table.num_rows - table.column("error").null_count]),
-        "instances": np.array([pc.sum(pc.list_value_length(table.column("category_ids"))).as_py() or 0]),
-    }
-
-
 def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts; iterating it runs the job."""
     # A Dataset copies the current DataContext when it is created: the flag reaches every stage
     # of this one (a failure then names our StorageError, not Ray's UserCodeException), and the
     # caller's context is left as it was.
     context = ray.data.DataContext.get_current()
-    previous = context.raise_original_map_exception
+    previous = context.raise_original_map_exception, context.target_max_block_size
     context.raise_original_map_exception = True
+    context.target_max_block_size = TARGET_MAX_BLOCK_SIZE
     try:
         return _build_dataset(config, done)
     finally:
-        context.raise_original_map_exception = previous
+        context.raise_original_map_exception, context.target_max_block_size = previous
 
 
 def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
@@ -143,6 +137,8 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
         override_num_blocks=1,
         num_cpus=0,
     )
+    # Blocks of `batch_size` paths, so that decode runs as many parallel tasks, one per batch.
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
     dataset = dataset.map_batches(
         decode_batch,
         fn_kwargs={

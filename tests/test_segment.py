@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -307,6 +308,24 @@ def test_decoding_runs_on_tasks_not_on_the_inference_actor(tmp_path, model_dir, 
     stats = dataset.stats()
     assert "MapBatches(decode_batch)" in stats
     assert "MapBatches(decode_batch)->MapBatches(Segmenter)" not in stats
+
+
+def test_listing_is_cut_into_one_decode_task_per_batch(tmp_path, model_dir, ray_local):
+    """Ray Data would gather the listing's small path blocks into one block (one decode task for the
+    whole input, no parallel decode, nothing downstream until the listing ends); each batch of
+    `batch_size` paths must become its own decode task and its own inference call."""
+    from pipeline.listing import check_input
+    from pipeline.segment import SegmentConfig, build_dataset
+
+    write_files(str(tmp_path / "images"), {f"{i:02d}.png": png(40, 30, seed=i) for i in range(12)})
+    config = SegmentConfig(
+        check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir, batch_size=4
+    )
+    dataset = build_dataset(config, done=None)
+    assert sum(int(batch["images"].sum()) for batch in dataset.iter_batches(batch_size=None)) == 12
+    stats = dataset.stats()
+    assert re.search(r"MapBatches\(decode_batch\): 3 tasks executed", stats), stats
+    assert re.search(r"MapBatches\(Segmenter\): 3 tasks executed", stats), stats
 
 
 @pytest.mark.parametrize(
