@@ -1,7 +1,10 @@
 """The paper's Table 2 ablation on synthetic shapes: RoIAlign vs RoIPool, sigmoid vs softmax masks.
 
-    .venv/bin/python benchmarks/roi_ablation.py [--train-images 300] [--val-images 100] [--epochs 3]
-        [--preset small] [--num-workers 2] [--batch-size 4] [--optimizer adamw] [--lr 0.002] [--amp]
+    .venv/bin/python benchmarks/roi_ablation.py [--train-images 600] [--val-images 80] [--epochs 4]
+        [--preset small] [--num-workers 2] [--batch-size 4] [--optimizer adamw] [--lr 0.004] [--amp]
+
+About 20 minutes on 2 CPU cores (3 x 300 steps of 8 images). Fewer steps say nothing: after 90
+steps every variant is still below 0.01 mask AP.
 
 Generates one training and one validation set of 128 px shapes, then trains the same preset with
 `jobs.train` three times, changing one thing at a time: `--roi-op align --mask-loss sigmoid` (the
@@ -40,14 +43,14 @@ PAPER = {  # Table 2 (c) and (b): mask AP, AP50, AP75
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=300)
-    parser.add_argument("--val-images", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-images", type=int, default=600)
+    parser.add_argument("--val-images", type=int, default=80)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
-    parser.add_argument("--lr", default="0.002", help="jobs.train --lr (per 16 images)")
+    parser.add_argument("--lr", default="0.004", help="jobs.train --lr (per 16 images)")
     parser.add_argument("--warmup-iters", default="50")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--output", default=None, help="keep the runs here (default: a temporary folder)")

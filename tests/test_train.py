@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from s3_proxy import FlakyS3Proxy
 
 from jobs import train as train_job
 from mrcnn import build_model, storage
@@ -436,7 +437,6 @@ def test_killing_a_train_worker_after_the_first_checkpoint_resumes_and_finishes(
 
 @pytest.mark.slow
 def test_intermittent_s3_503s_on_data_and_checkpoints_are_retried(s3_bucket, s3_server):
-    from test_segment import FlakyS3Proxy  # the 503-injecting proxy of the segmentation tests
 
     annotations, images = make_dataset(f"{s3_bucket}/shapes")
     output = f"{s3_bucket}/runs/flaky"
@@ -454,7 +454,6 @@ def test_intermittent_s3_503s_on_data_and_checkpoints_are_retried(s3_bucket, s3_
 
 @pytest.mark.slow
 def test_s3_writes_that_keep_failing_end_the_run_clearly_without_output(s3_bucket, s3_server):
-    from test_segment import FlakyS3Proxy
 
     annotations, images = make_dataset(f"{s3_bucket}/shapes")
     output = f"{s3_bucket}/runs/down"
