@@ -100,12 +100,12 @@ def main() -> None:
         quarter = max(1, args.num_images // 4)
         bare = job = steady = 0.0
         start_up = float("inf")
+        run = functools.partial(
+            segment_job, model_dir, shapes.images_root, batch_size=args.batch_size,
+            score_threshold=args.score_threshold,
+        )  # fmt: skip
         for round_ in range(args.rounds):
             bare = max(bare, bare_loop(model_dir, paths, args.batch_size, args.score_threshold))
-            run = functools.partial(
-                segment_job, model_dir, shapes.images_root, batch_size=args.batch_size,
-                score_threshold=args.score_threshold,
-            )  # fmt: skip
             whole = run(os.path.join(folder, f"all-{round_}"), limit=len(paths))
             part = run(os.path.join(folder, f"part-{round_}"), limit=quarter)
             job = max(job, len(paths) / whole)

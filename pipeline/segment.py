@@ -104,9 +104,9 @@ class SegmentReport:
 
 def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts; iterating it runs the job."""
-    # A Dataset copies the current DataContext when it is created: the flag reaches every stage
-    # of this one (a failure then names our StorageError, not Ray's UserCodeException), and the
-    # caller's context is left as it was.
+    # A Dataset copies the current DataContext when it is created: both settings reach every
+    # stage of this one (a failure then names our StorageError, not Ray's UserCodeException;
+    # blocks are sized by TARGET_MAX_BLOCK_SIZE), and the caller's context is left as it was.
     context = ray.data.DataContext.get_current()
     previous = context.raise_original_map_exception, context.target_max_block_size
     context.raise_original_map_exception = True

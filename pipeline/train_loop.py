@@ -241,7 +241,9 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         sums[: len(LOSS_NAMES)] += values.double()
         sums[-3:] += torch.tensor([1.0, len(images), waited], dtype=torch.float64)
     seconds = time.perf_counter() - started
+    workers = 1
     if dist.is_available() and dist.is_initialized():
+        workers = dist.get_world_size()
         reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         totals = sums.to(reduce_device)
         dist.all_reduce(totals)
@@ -249,7 +251,6 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         sums, seconds = totals.cpu(), float(elapsed.item())
     steps, images = max(1.0, float(sums[-3])), int(sums[-2])
-    workers = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     means = {name: float(sums[i]) / steps for i, name in enumerate(LOSS_NAMES)}
     return {
         "loss": sum(means.values()),
