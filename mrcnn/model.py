@@ -127,12 +127,12 @@ class MaskRCNN(TorchvisionMaskRCNN):
             rpn_pre_nms_top_n_test=preset.rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_train=preset.rpn_post_nms_top_n_train,
             rpn_post_nms_top_n_test=preset.rpn_post_nms_top_n_test,
-            box_roi_pool=_roi_extractor(roi_op, BOX_ROI_SIZE),
+            box_roi_pool=_roi_extractor(roi_op, BOX_ROI_SIZE, preset.roi_sampling_ratio),
             box_head=box_head,
             box_predictor=FastRCNNPredictor(preset.box_representation, num_classes),
             box_batch_size_per_image=preset.box_batch_size_per_image,
             box_detections_per_img=preset.detections_per_image,
-            mask_roi_pool=_roi_extractor(roi_op, MASK_ROI_SIZE),
+            mask_roi_pool=_roi_extractor(roi_op, MASK_ROI_SIZE, preset.roi_sampling_ratio),
             mask_head=mask_head,
             mask_predictor=MaskRCNNPredictor(mask_width, mask_width, num_classes),
         )
@@ -202,8 +202,8 @@ def _resnet_fpn(preset: Preset, norm: type[nn.Module] | None) -> BackboneWithFPN
     )
 
 
-def _roi_extractor(roi_op: str, output_size: int) -> MultiScaleRoIAlign:
+def _roi_extractor(roi_op: str, output_size: int, sampling_ratio: int) -> MultiScaleRoIAlign:
     if roi_op == "pool":
         return MultiScaleRoIPool(FPN_LEVELS, output_size)
-    return MultiScaleRoIAlign(FPN_LEVELS, output_size, sampling_ratio=2)
+    return MultiScaleRoIAlign(FPN_LEVELS, output_size, sampling_ratio=sampling_ratio)
 
