@@ -16,6 +16,13 @@ Three cases, in this order:
    2.60 protects with token authentication by default (`RAY_AUTH_MODE=token`, on since 2.52; keep
    it on for clusters too). Reach a remote dashboard through an SSH tunnel.
 
+A local Ray keeps idle task workers alive (`num_workers_soft_limit`). With Ray's default, while
+actors hold a node's CPUs (Ray Train's workers do, for the whole run) a task worker is killed a
+moment after it goes idle, so every short decode task started a fresh Python process (importing
+Ray, NumPy, PyTorch: ~3 s of CPU). Measured on 2 cores: 18 new processes in 2.5 minutes of
+training, and 9.8 instead of 12.7 training images/s (BENCHMARKS.md). A cluster started with
+`ray start` sets this on its own command line (cluster.yaml).
+
 Ray started here is shut down when the `ray_session` block ends.
 """
 
@@ -26,6 +33,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 LOCALHOST = "127.0.0.1"
+# Worker processes a local Ray keeps before it kills idle ones: above the actors of a training or
+# segmentation run (a dozen) plus a decode worker per fractional CPU slot.
+LOCAL_WORKERS_SOFT_LIMIT = 32
 
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -63,6 +73,7 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
             num_gpus=num_gpus,
             dashboard_host=LOCALHOST,
             runtime_env=runtime_env,
+            _system_config={"num_workers_soft_limit": LOCAL_WORKERS_SOFT_LIMIT},
         )
     try:
         yield

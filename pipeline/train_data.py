@@ -26,6 +26,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from mrcnn.coco import CocoDataset, build_target
 from mrcnn.images import ImageDecodeError, decode_image
 from pipeline.decode import InputMissing, read_input
+from pipeline.idle_backoff import with_idle_backoff
 
 logger = logging.getLogger("pipeline.train_data")
 
@@ -61,7 +62,7 @@ def training_dataset(dataset: CocoDataset, *, flip: bool = True):
     The block order is shuffled on every pass over the data; the workers shuffle rows further
     with a local buffer as they iterate (`pipeline.train_loop`).
     """
-    return (
+    decoded = (
         records_dataset(dataset)
         .randomize_block_order()
         .map_batches(
@@ -71,13 +72,16 @@ def training_dataset(dataset: CocoDataset, *, flip: bool = True):
             num_cpus=DECODE_TASK_CPUS,
         )
     )
+    # Decoding outruns training steps, so the executor is mostly idle: keep it from spinning.
+    return with_idle_backoff(decoded)
 
 
 def validation_dataset(dataset: CocoDataset):
     """Decoded validation rows (see `decode_validation_batch`), no augmentation."""
-    return records_dataset(dataset).map_batches(
+    decoded = records_dataset(dataset).map_batches(
         decode_validation_batch, batch_size=None, num_cpus=DECODE_TASK_CPUS
     )
+    return with_idle_backoff(decoded)
 
 
 def decode_training_batch(
