@@ -1,7 +1,7 @@
-"""Training step time: `jobs.train` with one Ray Train worker against a plain single-process loop.
+"""Training step time: `jobs.train` with N Ray Train workers against N plain single-process loops.
 
     .venv/bin/python benchmarks/train_overhead.py [--images 96] [--epochs 2] [--preset small]
-        [--batch-size 4] [--threads 1] [--rounds 1] [--amp]
+        [--batch-size 4] [--threads 1] [--rounds 1] [--amp] [--workers 1]
 
 Both sides train the same preset on the same generated shapes (128 px) with the same batch size,
 SGD settings (a learning rate so small that the model does not change, see `FROZEN_LR`), flips
@@ -15,7 +15,14 @@ epoch's images/s of each side (the first epoch pays start-up on both: Ray Data's
 the allocator's first shapes); `jobs.train`'s comes from its `metrics.jsonl` and covers the
 epoch's loop only, its checkpoint after the epoch excluded. With `--rounds N` the two sides take
 turns N times and the best of each counts. The last line is the step-time ratio
-`overhead: train / plain` (goal <= 1.05).
+`overhead: train / plain` in step time (goal <= 1.05).
+
+With `--workers 2` the plain side runs twice: two such processes at once, each on its half of the
+images, their images/s summed (what two cores can do with no synchronisation), then the same two
+processes as a plain torch DDP job (gloo on 127.0.0.1: the gradient all-reduce every step).
+`jobs.train` runs 2 DDP workers with its default CPU share (so that Ray Data keeps a slot to
+decode in; `--threads 1` is then what each worker gets). The headline compares `jobs.train` with
+plain DDP, which is what Ray Train, Ray Data and the collate add; `ddp_cost` is DDP's own.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mrcnn import build_model, storage
 from mrcnn.coco import build_target, read_coco
@@ -52,26 +62,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--rounds", type=int, default=1, help="turns of the two sides; best counts")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on both sides")
+    parser.add_argument("--workers", type=int, default=1, help="training processes of each side")
     return parser
 
 
-def plain_loop(annotations: str, images: str, args: argparse.Namespace) -> float:
-    """Images/s of the last epoch of a single-process training loop."""
+def plain_loops(annotations: str, images: str, args: argparse.Namespace, ddp: bool) -> float:
+    """Summed images/s of `args.workers` plain loops running at once, each on its share."""
+    if args.workers == 1:
+        return plain_loop(annotations, images, args, 0, None)
+    address = f"tcp://127.0.0.1:{free_port()}" if ddp else None
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers) as pool:
+        shares = [(annotations, images, args, rank, address) for rank in range(args.workers)]
+        return sum(pool.starmap(plain_loop, shares))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def plain_loop(
+    annotations: str, images: str, args: argparse.Namespace, rank: int, ddp_address: str | None
+) -> float:
+    """Images/s of the last epoch of a single-process training loop over its share of the images.
+
+    With `ddp_address`, one rank of a plain torch DDP job (gloo) of `args.workers` processes.
+    """
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dataset = read_coco(annotations, images)
+    share = dataset.images[rank :: args.workers]
     model = build_model(args.preset, len(dataset.categories) + 1)
     model.train()
+    if ddp_address:
+        dist.init_process_group("gloo", init_method=ddp_address, rank=rank, world_size=args.workers)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=FROZEN_LR, momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(0)
     images_per_second = 0.0
     for _ in range(args.epochs):
-        order = rng.permutation(len(dataset.images))
+        order = rng.permutation(len(share))
         started, seen = time.perf_counter(), 0
         for first in range(0, len(order), args.batch_size):
             batch, targets = [], []
             for index in order[first : first + args.batch_size]:
-                record = dataset.images[index]
+                record = share[index]
                 pixels = decode_image(storage.read_bytes(record.uri))
                 target = build_target(
                     record.annotations, record.height, record.width, dataset.category_to_label
@@ -91,15 +128,19 @@ def plain_loop(annotations: str, images: str, args: argparse.Namespace) -> float
             optimizer.step()
             seen += len(batch)
         images_per_second = seen / (time.perf_counter() - started)
+    if ddp_address:
+        dist.destroy_process_group()
     return images_per_second
 
 
 def ray_train(annotations: str, images: str, output: str, args: argparse.Namespace) -> float:
-    """Images/s of the last epoch of `jobs.train` with one worker (from its metrics.jsonl)."""
+    """Images/s of the last epoch of `jobs.train` (from its metrics.jsonl)."""
+    workers = ["--num-workers", str(args.workers)]
+    if args.workers == 1:
+        workers += ["--cpus-per-worker", str(args.threads)]
     command = [
         sys.executable, "-m", "jobs.train", "--train-annotations", annotations, "--train-images", images,
-        "--output", output, "--preset", args.preset, "--num-workers", "1",
-        "--cpus-per-worker", str(args.threads), "--batch-size", str(args.batch_size),
+        "--output", output, "--preset", args.preset, *workers, "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--lr", str(FROZEN_LR), "--warmup-iters", "0",
         "--num-cpus", str(os.cpu_count()), *(["--amp"] if args.amp else []),
     ]
@@ -114,21 +155,35 @@ def main() -> None:
     args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as root:
         data = generate_shapes(os.path.join(root, "shapes"), args.images, seed=0, size=128)
-        best_plain, best_train = 0.0, 0.0
+        best_plain, best_ddp, best_train = 0.0, 0.0, 0.0
         for turn in range(args.rounds):
-            plain = plain_loop(data.annotations_uri, data.images_root, args)
-            train = ray_train(data.annotations_uri, data.images_root, os.path.join(root, f"run{turn}"), args)
-            print(f"round {turn + 1}: plain loop {plain:.2f} images/s, jobs.train {train:.2f} images/s")
-            best_plain, best_train = max(best_plain, plain), max(best_train, train)
-    steps = math.ceil(args.images / args.batch_size)
+            shapes = (data.annotations_uri, data.images_root)
+            plain = plain_loops(*shapes, args, ddp=False)
+            ddp = plain_loops(*shapes, args, ddp=True) if args.workers > 1 else plain
+            train = ray_train(*shapes, os.path.join(root, f"run{turn}"), args)
+            print(
+                f"round {turn + 1}: plain loop(s) {plain:.2f} images/s, plain DDP {ddp:.2f} images/s, "
+                f"jobs.train {train:.2f} images/s"
+            )
+            best_plain, best_ddp = max(best_plain, plain), max(best_ddp, ddp)
+            best_train = max(best_train, train)
+    steps = math.ceil(args.images / args.workers / args.batch_size)
     print(
         f"preset {args.preset}, {args.images} images of 128 px, batch {args.batch_size}, "
-        f"{steps} steps/epoch, {args.threads} torch thread(s), last of {args.epochs} epochs, "
+        f"{steps} steps/epoch, {args.workers} process(es) of {args.threads} torch thread(s), "
+        f"last of {args.epochs} epochs, "
         f"best of {args.rounds} round(s), {'bf16 autocast' if args.amp else 'float32'}"
     )
-    print(f"plain loop: {best_plain:.2f} images/s ({args.batch_size / best_plain:.3f} s/step)")
-    print(f"jobs.train, 1 worker: {best_train:.2f} images/s ({args.batch_size / best_train:.3f} s/step)")
-    print(f"overhead: {best_plain / best_train:.3f}")
+    total_batch = args.workers * args.batch_size
+    print(f"plain loop(s): {best_plain:.2f} images/s ({total_batch / best_plain:.3f} s/step)")
+    if args.workers > 1:
+        print(f"plain DDP: {best_ddp:.2f} images/s ({total_batch / best_ddp:.3f} s/step)")
+        print(f"ddp_cost: {best_plain / best_ddp:.3f}")
+    print(
+        f"jobs.train, {args.workers} worker(s): {best_train:.2f} images/s "
+        f"({total_batch / best_train:.3f} s/step)"
+    )
+    print(f"overhead: {best_ddp / best_train:.3f}")
 
 
 if __name__ == "__main__":
