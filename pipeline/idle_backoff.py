@@ -24,14 +24,20 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 IDLE_SLEEP_S = 0.02
 
 
+def nothing_in_flight(executor) -> bool:
+    """Whether the streaming executor has started and none of its operators has a task running."""
+    # `_topology` is the executor's {operator: state}; None before it starts. Private in Ray 2.60
+    # (pinned): if a later Ray renames it, this says False and the backoff does nothing rather
+    # than fail.
+    topology = getattr(executor, "_topology", None)
+    return bool(topology) and not any(op.num_active_tasks() for op in topology)
+
+
 class IdleBackoff(ExecutionCallback):
     """Sleep between passes of the scheduling loop while no task is in flight."""
 
     def on_execution_step(self, executor) -> None:
-        # `_topology` is the executor's {operator: state}; None before it starts. Private in Ray
-        # 2.60 (pinned): if a later Ray renames it, the callback does nothing rather than fail.
-        topology = getattr(executor, "_topology", None)
-        if topology and not any(op.num_active_tasks() for op in topology):
+        if nothing_in_flight(executor):
             time.sleep(IDLE_SLEEP_S)
 
 

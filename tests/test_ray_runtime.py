@@ -66,30 +66,46 @@ def test_a_training_dataset_waiting_for_cpus_leaves_them_to_training():
 
     During training the workers hold the CPUs, so the decode stage mostly cannot start a task and
     the executor has nothing in flight. Here a CPU limit below one decode task's needs stands for
-    that. The executor runs in a thread of this process and the consumer sleeps between batches
-    (standing for a training step), so this process's CPU time is the executor's: without
-    `IdleBackoff` its scheduling loop spun at about 70 % of a core on the 2-core machine.
+    that, and the consumer sleeps between batches (standing for a training step). A callback of
+    the test, run after `IdleBackoff` on every pass of the executor's scheduling loop, counts the
+    passes made with nothing in flight: with the backoff each costs `IDLE_SLEEP_S`, so a pause of
+    PAUSE_S holds a few of them (3 per batch measured); without it the loop passed ~100 times per
+    pause, busy (4,336 passes over the 40 batches, about 70 % of a core on the 2-core machine).
     """
     script = """
 import tempfile, time
 from ray.data import ExecutionResources
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from mrcnn.coco import read_coco
 from mrcnn.shapes import generate_shapes
+from pipeline.idle_backoff import nothing_in_flight
 from pipeline.ray_runtime import ray_session
 from pipeline.train_data import training_dataset
+
+PAUSE_S = 0.1
+
+
+class CountIdlePasses(ExecutionCallback):
+    passes = 0
+
+    def on_execution_step(self, executor):
+        if nothing_in_flight(executor):
+            CountIdlePasses.passes += 1
+
 
 shapes = generate_shapes(tempfile.mkdtemp(), 160, seed=3)
 data = read_coco(shapes.annotations_uri, shapes.images_root)
 with ray_session(num_cpus=2):
     dataset = training_dataset(data)
     dataset.context.execution_options.resource_limits = ExecutionResources(cpu=0.1)
-    batches = iter(dataset.iter_batches(batch_size=4, prefetch_batches=1))
-    next(batches)  # start-up (workers, imports) is not what this measures
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in batches:
-        time.sleep(0.1)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{cpu / wall:.3f}")
+    dataset.context.custom_execution_callback_classes.append(CountIdlePasses)
+    batches = 0
+    for _ in dataset.iter_batches(batch_size=4, prefetch_batches=1):
+        time.sleep(PAUSE_S)
+        batches += 1
+    print(batches, CountIdlePasses.passes)
 """
-    share = float(run_script(script).split()[-1])
-    assert share < 0.3, f"the executor used {share:.0%} of a core while decode waited for CPUs"
+    batches, idle_passes = map(int, run_script(script).split()[-2:])
+    assert batches == 40
+    # PAUSE_S / IDLE_SLEEP_S = 5 sleeping passes per pause; 4x that leaves room for a slow machine.
+    assert idle_passes <= 20 * batches, f"{idle_passes} scheduling passes with nothing in flight"
