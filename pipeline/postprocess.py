@@ -15,7 +15,6 @@ import torch
 from mrcnn.categories import Category
 from mrcnn.rle import masks_to_rle
 from pipeline import output
-from pipeline.output import SCHEMA
 
 MASK_THRESHOLD = 0.5
 
@@ -29,7 +28,7 @@ def rows_from_detections(
     `categories[i - 1]`. An error row keeps its path and error, null width/height when the image
     could not be read (0 from decode), and empty instance lists.
     """
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    columns: dict[str, list] = {name: [] for name in output.SCHEMA.names}
     for row, path in enumerate(batch["path"]):
         width, height = int(batch["width"][row]), int(batch["height"][row])
         error = str(batch["error"][row])
@@ -54,7 +53,7 @@ def rows_from_detections(
         columns["masks"].append(masks)
         columns["error"].append(error or None)
         columns["model"].append(model_uri)
-    return pa.table(columns, schema=SCHEMA)
+    return pa.table(columns, schema=output.SCHEMA)
 
 
 def finish_batch(

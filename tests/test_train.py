@@ -437,7 +437,6 @@ def test_killing_a_train_worker_after_the_first_checkpoint_resumes_and_finishes(
 
 @pytest.mark.slow
 def test_intermittent_s3_503s_on_data_and_checkpoints_are_retried(s3_bucket, s3_server):
-
     annotations, images = make_dataset(f"{s3_bucket}/shapes")
     output = f"{s3_bucket}/runs/flaky"
     argv = ["--train-annotations", annotations, "--train-images", images, "--output", output,
@@ -454,7 +453,6 @@ def test_intermittent_s3_503s_on_data_and_checkpoints_are_retried(s3_bucket, s3_
 
 @pytest.mark.slow
 def test_s3_writes_that_keep_failing_end_the_run_clearly_without_output(s3_bucket, s3_server):
-
     annotations, images = make_dataset(f"{s3_bucket}/shapes")
     output = f"{s3_bucket}/runs/down"
     argv = ["--train-annotations", annotations, "--train-images", images, "--output", output,
