@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from jobs.cli import OneLineParser, bounded
 from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.listing import InputError, check_input
+from pipeline.segment import DEFAULT_RESOURCE_TIMEOUT_S
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-actor",
         type=bounded(float, 0.0),
         default=1.0,
-        help="GPUs per inference actor when the cluster has GPUs (default 1; 0: CPU actors)",
+        help="GPUs per inference actor (default 1; 0: CPU actors). Requested as given on a cluster "
+        "(RAY_ADDRESS), so that its autoscaler adds GPU nodes; a local Ray uses them only when the "
+        "machine has GPUs",
     )
     parser.add_argument(
         "--cpus-per-actor",
@@ -86,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per committed Parquet file (default 256)",
     )
     parser.add_argument(
+        "--resource-timeout",
+        type=bounded(float, 0.0, above=True),
+        default=DEFAULT_RESOURCE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long to wait for the cluster to provide the first actors' CPUs and GPUs before "
+        f"stopping with an error (default {DEFAULT_RESOURCE_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--num-cpus",
         type=bounded(int, 1),
         default=None,
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.ray_runtime import ray_session
     from pipeline.segment import SegmentConfig, SegmentError, run_segmentation
+    from pipeline.shared_storage import SharedStorageError, check_local_paths
 
     config = SegmentConfig(
         input=spec,
@@ -117,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         score_threshold=args.score_threshold,
         max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file,
+        resource_timeout_s=args.resource_timeout,
     )
     try:
-        with ray_session(num_cpus=args.num_cpus):
+        with ray_session(num_cpus=args.num_cpus) as session:
+            if session.joined_cluster:
+                markers = check_local_paths(
+                    {"--output": args.output}, {"--input": args.input, "--model": args.model}
+                )
+                config = replace(config, joined_cluster=True, output_marker=markers.get("--output"))
             report = run_segmentation(config)
+    except SharedStorageError as error:
+        print(f"segment: error: {error}", file=sys.stderr)
+        return 2
     except (SegmentError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 1

@@ -70,16 +70,27 @@ def build_parser() -> OneLineParser:
         "--num-workers", type=bounded(int, 1), default=DEFAULTS.num_workers,
         help=f"Ray Train workers, one DDP process each (default {DEFAULTS.num_workers})",
     )
-    scale.add_argument("--use-gpu", action="store_true", help="one GPU per worker (default: CPU)")
+    scale.add_argument(
+        "--use-gpu", action="store_true",
+        help="one GPU per worker, requested even when no GPU node is up yet so that the autoscaler "
+        "launches them (default: CPU)",
+    )
     scale.add_argument(
         "--cpus-per-worker", type=bounded(float, 0.0, above=True), default=None,
-        help="CPUs per worker, also its torch threads (default: 3/4 of the cluster's CPUs shared "
-        "by the workers; the rest decodes images)",
+        help="CPUs per worker, also its torch threads (default with --use-gpu: 3/4 of the CPUs per "
+        "GPU of the GPU nodes that are up, else 1; on CPUs: 3/4 of the cluster's CPUs shared by the "
+        "workers; the rest decodes images)",
     )
     scale.add_argument(
         "--max-failures", type=bounded(int, -1), default=DEFAULTS.max_failures,
         help="worker failures to recover from by resuming from the latest checkpoint, -1 for no "
         f"limit (default {DEFAULTS.max_failures})",
+    )
+    scale.add_argument(
+        "--resource-timeout", type=bounded(float, 0.0, above=True), default=DEFAULTS.resource_timeout_s,
+        metavar="SECONDS",
+        help="how long to wait for the cluster (its autoscaler) to place every worker before stopping "
+        f"with an error (default {DEFAULTS.resource_timeout_s:g})",
     )
     scale.add_argument(
         "--num-cpus", type=bounded(int, 1), default=None,
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         init_weights=args.init_weights,
         max_failures=args.max_failures,
         seed=args.seed,
+        resource_timeout_s=args.resource_timeout,
     )
     try:
         train_data, val_data = _read_datasets(job)
@@ -185,12 +197,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
 
+    from pipeline.ray_compat import RayCompatError, check_ray_version
     from pipeline.ray_runtime import ray_session
+    from pipeline.shared_storage import SharedStorageError, check_local_paths
     from pipeline.trainer import run_training
 
     try:
-        with ray_session(num_cpus=args.num_cpus):
-            outcome = run_training(job, train_data, val_data)
+        check_ray_version()
+        with ray_session(num_cpus=args.num_cpus) as session:
+            marker = None
+            if session.joined_cluster:
+                readable = {
+                    f"--{name.replace('_', '-')}": getattr(job, name)
+                    for name in (
+                        "train_annotations", "train_images", "val_annotations", "val_images", "init_weights"
+                    )
+                }
+                marker = check_local_paths({"--output": job.output}, readable).get("--output")
+            outcome = run_training(
+                job, train_data, val_data, joined_cluster=session.joined_cluster, output_marker=marker
+            )
+    except (SharedStorageError, RayCompatError) as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
     except (TrainingError, storage.StorageError) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 1

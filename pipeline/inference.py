@@ -9,7 +9,9 @@ height * width bytes for a pasted mask.
 
 Threads: Ray sets `OMP_NUM_THREADS` to an actor's `num_cpus` (1 by default), so torch would run
 single-threaded whatever the actor reserved; we set torch's thread count to the CPUs the actor
-reserved, on purpose. On a GPU the forward runs under bf16 autocast.
+reserved, on purpose. On a GPU the forward runs under bf16 autocast. An actor that Ray gave a GPU
+but that sees no CUDA device fails to start, with one line naming its node and the cause
+(`pipeline.gpu.require_cuda`), instead of running on the CPU.
 
 Error rows (from decode) pass through untouched, with no detections.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from mrcnn.model_folder import load_model
+from pipeline.gpu import require_cuda
 
 
 class Segmenter:
@@ -29,12 +32,15 @@ class Segmenter:
         model_uri: a model folder (local or s3://) or `torchvision:<builder>`.
         score_threshold: detections scoring at or below it are dropped (torchvision's rule).
         num_threads: torch CPU threads of this actor (the CPUs it reserved).
-        use_gpu: run on CUDA with bf16 autocast (when the actor was given a GPU).
+        use_gpu: run on CUDA with bf16 autocast (the actor was given a GPU); no CUDA device here
+            is an error (`pipeline.gpu.GpuUnavailableError`), not a fallback to the CPU.
     """
 
     def __init__(self, model_uri: str, score_threshold: float, num_threads: int, use_gpu: bool):
         torch.set_num_threads(max(1, num_threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu:
+            require_cuda()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model, _ = load_model(model_uri, device=self.device)
         self.model.paste_masks = False
         self.model.score_threshold = score_threshold

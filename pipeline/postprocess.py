@@ -15,6 +15,7 @@ import torch
 from mrcnn.categories import Category
 from mrcnn.rle import masks_to_rle
 from pipeline import output
+from pipeline.shared_storage import StorageMarker
 
 MASK_THRESHOLD = 0.5
 
@@ -57,9 +58,20 @@ def rows_from_detections(
 
 
 def finish_batch(
-    batch: dict[str, np.ndarray], *, categories: tuple[Category, ...], model_uri: str, output_uri: str
+    batch: dict[str, np.ndarray],
+    *,
+    categories: tuple[Category, ...],
+    model_uri: str,
+    output_uri: str,
+    output_marker: StorageMarker | None = None,
 ) -> dict[str, np.ndarray]:
-    """Encode and commit one inference batch; returns one row of counts for the driver."""
+    """Encode and commit one inference batch; returns one row of counts for the driver.
+
+    `output_marker`: for a local output on a cluster, the driver's marker, which this process must
+    see before it writes (`pipeline.shared_storage`).
+    """
+    if output_marker is not None:
+        output_marker.verify()
     table = rows_from_detections(batch, categories, model_uri)
     output.commit_part(table, output_uri)
     return {

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 LOCALHOST = "127.0.0.1"
 # Worker processes a local Ray keeps before it kills idle ones: above the actors of a training or
@@ -46,13 +47,25 @@ FORWARDED_ENV = (
 )
 
 
+@dataclass(frozen=True)
+class RaySession:
+    """Which Ray a job runs on.
+
+    `joined_cluster`: a cluster named by `RAY_ADDRESS`, which may have more nodes than this one and
+    may add nodes when asked (an autoscaler); otherwise a Ray of this process, whose resources are
+    this machine's and are what they are.
+    """
+
+    joined_cluster: bool
+
+
 def forwarded_env() -> dict[str, str]:
     """The non-secret storage settings of this process that Ray workers must see too."""
     return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
+def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[RaySession]:
     """Make Ray usable inside the block (see the module docstring for which Ray).
 
     `num_cpus` / `num_gpus` size a local Ray started here (None: what the machine has); they are
@@ -60,8 +73,9 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
     """
     import ray
 
+    joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
-        yield
+        yield RaySession(joined_cluster)
         return
     runtime_env = {"env_vars": forwarded_env()}
     if os.environ.get("RAY_ADDRESS"):
@@ -76,6 +90,6 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
             _system_config={"num_workers_soft_limit": LOCAL_WORKERS_SOFT_LIMIT},
         )
     try:
-        yield
+        yield RaySession(joined_cluster)
     finally:
         ray.shutdown()

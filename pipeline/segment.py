@@ -7,8 +7,12 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
 2. `decode_batch` (`pipeline.decode`): CPU tasks read and decode each block, shrink the images to
    the model's input size, and turn bad files into error rows.
 3. `Segmenter` (`pipeline.inference`): an actor pool, fixed (`actors=(N, N)`) or autoscaling
-   (`(MIN, MAX)`), each actor loading the model once; `num_gpus=gpus_per_actor` when the cluster has
-   GPUs, CPU actors of `cpus_per_actor` CPUs (and as many torch threads) otherwise.
+   (`(MIN, MAX)`), each actor loading the model once, with `cpus_per_actor` CPUs (and as many torch
+   threads) and `gpus_per_actor` GPUs. On a cluster the job joined, the GPUs are requested
+   whatever the cluster holds at the start, so that an autoscaler launches GPU nodes; on a Ray of
+   the job's own they are requested only when the machine has GPUs (`pipeline.gpu`). The job waits
+   at most `resource_timeout_s` for the first `MIN` actors (Ray Data's `wait_for_min_actors_s`),
+   then stops with one line instead of waiting forever for a node that never comes.
 4. `finish_batch` (`pipeline.postprocess`): CPU tasks encode the masks and commit every
    `rows_per_file` rows as one Parquet file (`pipeline.output.commit_part`), returning one small
    row of counts. Files are decoupled from inference batches: a few hundred rows per file suit
@@ -34,9 +38,12 @@ import ray
 from mrcnn.model_folder import load_spec
 from pipeline import output
 from pipeline.decode import decode_batch
+from pipeline.gpu import GpuUnavailableError, gpus_to_request
 from pipeline.inference import Segmenter
 from pipeline.listing import InputSpec, PathDatasource
 from pipeline.postprocess import finish_batch
+from pipeline.ray_errors import one_line, root_cause
+from pipeline.shared_storage import SharedStorageError, StorageMarker
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,9 @@ logger = logging.getLogger(__name__)
 # lister after ~15,000 paths (15 S3 pages) and the repartition below cuts it into batches. Decoded
 # images and detections are ~0.1-3 MB per row, so their blocks hold one to a few rows.
 TARGET_MAX_BLOCK_SIZE = 1 << 20
+# How long a job waits for its first actors' resources by default: an autoscaler launching a GPU
+# node (instance start, image pull, `ray start`) commonly takes 5 to 15 minutes.
+DEFAULT_RESOURCE_TIMEOUT_S = 1200.0
 
 
 class SegmentError(Exception):
@@ -68,6 +78,9 @@ class SegmentConfig:
     score_threshold: float = 0.5
     max_pixels: int = 100_000_000
     rows_per_file: int = 256
+    joined_cluster: bool = False
+    resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
+    output_marker: StorageMarker | None = None
 
 
 @dataclass(frozen=True)
@@ -104,22 +117,28 @@ class SegmentReport:
 
 def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts; iterating it runs the job."""
-    # A Dataset copies the current DataContext when it is created: both settings reach every
+    # A Dataset copies the current DataContext when it is created: these settings reach every
     # stage of this one (a failure then names our StorageError, not Ray's UserCodeException;
-    # blocks are sized by TARGET_MAX_BLOCK_SIZE), and the caller's context is left as it was.
+    # blocks are sized by TARGET_MAX_BLOCK_SIZE; the actor pool's start is bounded in time), and
+    # the caller's context is left as it was.
     context = ray.data.DataContext.get_current()
-    previous = context.raise_original_map_exception, context.target_max_block_size
+    settings = ("raise_original_map_exception", "target_max_block_size", "wait_for_min_actors_s")
+    previous = [getattr(context, name) for name in settings]
     context.raise_original_map_exception = True
     context.target_max_block_size = TARGET_MAX_BLOCK_SIZE
+    context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s))
     try:
         return _build_dataset(config, done)
     finally:
-        context.raise_original_map_exception, context.target_max_block_size = previous
+        for name, value in zip(settings, previous, strict=True):
+            setattr(context, name, value)
 
 
 def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
-    use_gpu = config.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    gpus = gpus_to_request(
+        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
+    )
     threads = max(1, int(config.cpus_per_actor))
     low, high = config.actors
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -154,13 +173,13 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
             "model_uri": config.model_uri,
             "score_threshold": config.score_threshold,
             "num_threads": threads,
-            "use_gpu": use_gpu,
+            "use_gpu": gpus > 0,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=config.cpus_per_actor,
-        num_gpus=config.gpus_per_actor if use_gpu else None,
+        num_gpus=gpus or None,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
     return dataset.map_batches(
@@ -170,6 +189,7 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
             "categories": spec.categories,
             "model_uri": config.model_uri,
             "output_uri": config.output_uri,
+            "output_marker": config.output_marker,
         },
         batch_format="numpy",
     )
@@ -191,9 +211,20 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
         for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
             for name in counts:
                 counts[name] += int(batch[name].sum())
-    except ray.exceptions.RayError as error:
+    except ray.exceptions.GetTimeoutError as error:
         raise SegmentError(
-            f"the job stopped: {_root_cause(error)}; the files already in the output are complete, "
+            f"the cluster gave no room for {config.actors[0]} inference actor(s) of "
+            f"{config.cpus_per_actor:g} CPUs{_gpu_text(config)} within {config.resource_timeout_s:g} s: "
+            f"no node has them free and none was added (an autoscaler without a node type that "
+            f"fits, or at its max_workers); lower --actors/--cpus-per-actor/--gpus-per-actor or "
+            f"add such nodes (Ray: {one_line(error)})"
+        ) from error
+    except ray.exceptions.RayError as error:
+        if isinstance(root_cause(error), (GpuUnavailableError, SharedStorageError)):
+            # A node that cannot do the work: re-running the same command would not help.
+            raise SegmentError(one_line(error)) from error
+        raise SegmentError(
+            f"the job stopped: {one_line(error)}; the files already in the output are complete, "
             f"re-run the same command to go on"
         ) from error
     summary = output.summarize(config.output_uri)
@@ -214,13 +245,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     return report
 
 
-def _root_cause(error: BaseException) -> str:
-    """The original exception under Ray's wrappers, as one line."""
-    while True:
-        inner = getattr(error, "cause", None) or error.__cause__
-        if inner is None or inner is error:
-            break
-        error = inner
-    # Ray appends lines of retry advice to the message it re-raises; ours are one line.
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+def _gpu_text(config: SegmentConfig) -> str:
+    gpus = gpus_to_request(
+        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
+    )
+    return f" and {gpus:g} GPU" if gpus else ""

@@ -30,6 +30,7 @@ from mrcnn.rle import masks_to_rle
 from mrcnn.weights import read_state_dict
 from pipeline.checkpoints import load_state, save_state
 from pipeline.metrics import LOSS_NAMES, format_epoch, write_history
+from pipeline.shared_storage import StorageMarker
 from pipeline.train_data import TrainingCollate, ValidationCollate
 
 # Warm-up starts at this fraction of the learning rate and rises linearly (torchvision's reference).
@@ -71,6 +72,7 @@ class LoopConfig:
     metrics_uri: str
     validate: bool
     fail_after_epoch: int | None = None
+    output_marker: StorageMarker | None = None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
@@ -102,6 +104,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     `loop_config["val_ground_truth"]` is the COCO dict the validation AP is computed against.
     """
     config: LoopConfig = loop_config["config"]
+    if config.output_marker is not None:
+        # A worker on a node that does not share the driver's local output would write its
+        # checkpoints and metrics to a disk of its own.
+        config.output_marker.verify()
     torch.set_num_threads(config.torch_threads)
     context = ray.train.get_context()
     rank = context.get_world_rank()

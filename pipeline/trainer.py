@@ -9,10 +9,19 @@ replaced and training resumes from the latest checkpoint, up to `max_failures` t
 a new `TorchTrainer` on the same storage path and name finds Ray's record of the checkpoints.
 When training is done, the model of the latest checkpoint is exported to `<output>/model/`.
 
-CPUs: Ray sets `OMP_NUM_THREADS=1` in its workers, so each training worker sets its torch
-threads to its CPU share explicitly. Unless told otherwise, the workers share three quarters of
-the cluster's CPUs (at least half a CPU is left for decoding images in Ray Data tasks, which
-would otherwise never get a CPU while the workers hold them all).
+Resources follow the flags, not the cluster as it is at the start (a cluster whose GPU nodes
+scale from zero holds only its head then):
+- `--use-gpu` requests one GPU per worker on a cluster the job joined, whatever it holds now, so
+  that its autoscaler launches GPU nodes; a worker whose torch then sees no CUDA device fails
+  before training with one line naming its node (`pipeline.ray_compat.cuda_checked_torch_config`).
+  On the job's own local Ray, `--use-gpu` on a machine without GPUs is an error at once.
+- CPUs per worker (also its torch threads, since Ray sets `OMP_NUM_THREADS=1` in its workers):
+  `--cpus-per-worker`, else for GPU workers three quarters of the CPUs per GPU of the GPU nodes
+  alive (the rest decodes images), or 1 CPU when none is up yet; for CPU workers three quarters
+  of the cluster's CPUs shared by the workers (at least half a CPU is left for decoding images in
+  Ray Data tasks, which would otherwise never get a CPU while the workers hold them all).
+- Ray Train retries a worker group that cannot be placed every 60 s and, by default, forever; the
+  run gives up after `resource_timeout_s` with one line instead.
 
 Fault injection for tests: `MRCNN_TRAIN_FAIL_AFTER_EPOCH=k` in the driver's environment makes
 the rank-0 worker process exit right after it has checkpointed epoch k (only in a run that did
@@ -31,6 +40,13 @@ from mrcnn.coco import CocoDataset
 from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
 from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
 from pipeline.metrics import METRICS_FILE, read_history
+from pipeline.ray_compat import (
+    cuda_checked_torch_config,
+    is_worker_group_start_timeout,
+    worker_group_start_retries,
+)
+from pipeline.ray_errors import one_line, root_cause
+from pipeline.shared_storage import StorageMarker
 from pipeline.train_loop import LoopConfig, initialise_from, train_loop_per_worker
 
 logger = logging.getLogger("pipeline.trainer")
@@ -41,6 +57,9 @@ FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
 REFERENCE_BATCH = 16
 WORKERS_CPU_SHARE = 0.75
 MIN_DATA_CPUS = 0.5
+# CPUs of a GPU worker when no GPU node is up to size it by (the autoscaler will launch them).
+GPU_WORKER_CPUS_WHEN_UNKNOWN = 1.0
+DEFAULT_RESOURCE_TIMEOUT_S = 1200.0
 # Learning rates for a total batch of `REFERENCE_BATCH` images when `--lr` is not given.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 # Checkpoints kept in storage; older ones are deleted by Ray Train as new ones are reported.
@@ -83,6 +102,7 @@ class TrainJob:
     init_weights: str | None = None
     max_failures: int = 0
     seed: int = 0
+    resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -118,8 +138,20 @@ def check_init_weights(job: TrainJob, num_classes: int) -> None:
     initialise_from(model, job.init_weights, log=False)
 
 
-def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset | None) -> TrainOutcome:
-    """Train (or resume) with Ray Train, then export the model. Ray must be initialised."""
+def run_training(
+    job: TrainJob,
+    train_data: CocoDataset,
+    val_data: CocoDataset | None,
+    *,
+    joined_cluster: bool = False,
+    output_marker: StorageMarker | None = None,
+) -> TrainOutcome:
+    """Train (or resume) with Ray Train, then export the model. Ray must be initialised.
+
+    `joined_cluster`: the Ray is a cluster the job joined (see `pipeline.ray_runtime.RaySession`);
+    `output_marker`: for a local output on a cluster, the marker each worker must see
+    (`pipeline.shared_storage`).
+    """
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -144,7 +176,12 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
             f"(epoch {previous[1]} of {job.epochs} done)"
         )
 
-    cpus_per_worker = job.cpus_per_worker or _default_worker_cpus(job.num_workers)
+    if job.use_gpu and not joined_cluster and ray.cluster_resources().get("GPU", 0) < 1:
+        raise TrainingError(
+            "--use-gpu: the local Ray of this machine has no GPU (torch sees no CUDA device here); "
+            "leave --use-gpu out to train on the CPU, or set RAY_ADDRESS to a cluster with GPU nodes"
+        )
+    cpus_per_worker = job.cpus_per_worker or default_worker_cpus(job.num_workers, job.use_gpu)
     _warn_if_too_small(job, cpus_per_worker)
     # Ray Data splits the rows equally (each worker must run as many DDP steps as the others).
     rows_per_worker = len(train_data.images) // job.num_workers
@@ -173,6 +210,7 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
         metrics_uri=storage.join(job.output, METRICS_FILE),
         validate=val_data is not None,
         fail_after_epoch=int(fail_after) if fail_after else None,
+        output_marker=output_marker,
     )
     datasets = {"train": training_dataset(train_data)}
     if val_data is not None:
@@ -180,6 +218,7 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=cuda_checked_torch_config() if job.use_gpu else None,
         train_loop_config={"config": config, "val_ground_truth": evaluation_ground_truth(val_data)},
         scaling_config=ScalingConfig(
             num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
@@ -188,7 +227,10 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
             name=CHECKPOINTS_NAME,
             storage_path=path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=job.max_failures),
+            failure_config=FailureConfig(
+                max_failures=job.max_failures,
+                controller_failure_limit=worker_group_start_retries(job.resource_timeout_s),
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             # Ray Train's INFO lines (device moves, DDP wrapping, report bookkeeping) would bury the
             # one line per epoch we print. Ray 2.60 still prints "Reporting training result" for
@@ -208,7 +250,14 @@ def run_training(job: TrainJob, train_data: CocoDataset, val_data: CocoDataset |
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise TrainingError(f"training failed: {_one_line(error)}") from error
+        if is_worker_group_start_timeout(root_cause(error)):
+            raise TrainingError(
+                f"the cluster gave no room for {job.num_workers} workers of {cpus_per_worker:g} CPUs"
+                f"{' and 1 GPU' if job.use_gpu else ''} within {job.resource_timeout_s:g} s: no node "
+                f"has them free and none was added (an autoscaler without a node type that fits, or "
+                f"at its max_workers); lower --num-workers/--cpus-per-worker or add such nodes"
+            ) from error
+        raise TrainingError(f"training failed: {one_line(error)}") from error
     if result.checkpoint is None:
         raise TrainingError("training reported no checkpoint")
     epochs = int(result.metrics["epoch"])
@@ -263,9 +312,19 @@ def _latest_checkpoint(filesystem, path: str):
     return result.checkpoint, int(result.metrics["epoch"])
 
 
-def _default_worker_cpus(num_workers: int) -> float:
+def default_worker_cpus(num_workers: int, use_gpu: bool) -> float:
+    """CPUs per worker when `--cpus-per-worker` is not given (see the module docstring)."""
     import ray
 
+    if use_gpu:
+        per_gpu = [
+            node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"]
+            for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("GPU", 0.0) >= 1
+        ]
+        if not per_gpu:
+            return GPU_WORKER_CPUS_WHEN_UNKNOWN
+        return max(1.0, math.floor(min(per_gpu) * WORKERS_CPU_SHARE))
     total = ray.cluster_resources().get("CPU", 1.0)
     share = min(total * WORKERS_CPU_SHARE, total - MIN_DATA_CPUS)
     return max(share / num_workers, 0.1)
@@ -279,14 +338,7 @@ def _warn_if_too_small(job: TrainJob, cpus_per_worker: float) -> None:
     if job.num_workers * cpus_per_worker >= cpus or (job.use_gpu and gpus < job.num_workers):
         logger.warning(
             "the Ray cluster has %g CPUs and %g GPUs; %d workers of %g CPUs%s plus image decoding "
-            "need more, so training waits until the cluster grows",
+            "need more, so training waits up to %g s for the cluster to grow",
             cpus, gpus, job.num_workers, cpus_per_worker, " and 1 GPU" if job.use_gpu else "",
+            job.resource_timeout_s,
         )
-
-
-def _one_line(error: BaseException) -> str:
-    failures = getattr(error, "worker_failures", None)
-    if failures:
-        rank, cause = sorted(failures.items())[0]
-        return f"worker {rank}: {type(cause).__name__}: " + " ".join(str(cause).split())[:400]
-    return " ".join(str(error).split())[:400]
