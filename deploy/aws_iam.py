@@ -1,6 +1,7 @@
 """Create the two instance profiles cluster.yaml names, from the policies in deploy/aws/.
 
     python deploy/aws_iam.py --bucket my-bucket [--bucket my-other-bucket]
+    python deploy/aws_iam.py --bucket my-bucket --print-s3-policy   # the S3 policy alone, for IRSA
 
 - `mask-rcnn-ray-head`: what Ray's autoscaler on the head calls (run, tag, describe, stop and
   terminate instances; pass the worker role to the instances it launches), plus the buckets.
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python deploy/aws_iam.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--bucket", action="append", required=True, help="an S3 bucket the jobs read or write (repeat)"
+    )
+    parser.add_argument(
+        "--print-s3-policy",
+        action="store_true",
+        help="print the S3 policy JSON for these buckets and create nothing (for a KubeRay IRSA role)",
     )
     return parser
 
@@ -76,6 +82,9 @@ def _load(name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.print_s3_policy:
+        print(json.dumps(s3_policy(args.bucket), indent=2))
+        return 0
     for name, arn in create_profiles(args.bucket).items():
         print(f"{name}: {arn}")
     return 0

@@ -11,6 +11,7 @@ head role's credentials while moto checks every call against that role's policie
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
 import requests
 import yaml
@@ -121,6 +123,35 @@ def test_head_policy_grants_every_ec2_call_of_rays_node_provider_and_passes_the_
     for profile in worker_profiles:
         role_arn = iam.get_role(RoleName=profile)["Role"]["Arn"]
         assert "iam:PassRole" in _allowed(statements, role_arn), role_arn
+
+
+def test_both_roles_read_and_write_the_named_bucket_and_no_other(aws):
+    """S3 signed as each node's role, with moto enforcing IAM; the policy is also what IRSA gets."""
+    s3 = boto3.client("s3", region_name="us-west-2")
+    for bucket in (BUCKET, "someone-elses"):
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "aws_iam.py"), "--bucket", BUCKET, "--print-s3-policy"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    credentials = {role: _assume(role) for role in ("mask-rcnn-ray-head", "mask-rcnn-ray-worker")}
+    for role in credentials:
+        attached = boto3.client("iam").get_role_policy(RoleName=role, PolicyName="s3")["PolicyDocument"]
+        assert attached == json.loads(printed)
+
+    requests.post(f"{aws}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+    try:
+        for role, keys in credentials.items():
+            node_s3 = boto3.client("s3", region_name="us-west-2", **keys)
+            node_s3.put_object(Bucket=BUCKET, Key=f"runs/{role}.json", Body=b"{}")
+            assert node_s3.get_object(Bucket=BUCKET, Key=f"runs/{role}.json")["Body"].read() == b"{}"
+            assert node_s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["KeyCount"] >= 1
+            with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+                node_s3.put_object(Bucket="someone-elses", Key="x", Body=b"")
+    finally:
+        requests.post(f"{aws}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
 
 
 def test_the_head_role_may_launch_tag_list_and_terminate_workers(aws, bootstrapped):
