@@ -8,7 +8,10 @@ Three cases, in this order:
    which sets it): join that cluster. Non-secret S3 settings of this process (`AWS_ENDPOINT_URL`,
    region, `MRCNN_S3_MAX_ATTEMPTS`) are forwarded to the workers through the job's runtime
    environment; credentials never are (a runtime environment is visible in the dashboard), so the
-   cluster's nodes need their own (instance roles, or the job's `--runtime-env`).
+   cluster's nodes need their own (instance roles, or the job's `--runtime-env`). A variable that
+   `ray job submit --runtime-env-json '{"env_vars": ...}'` already sets is not forwarded again:
+   Ray 2.60's `ray.init` refuses a runtime env that names the same variable as the submitted one
+   (ValueError, even for an equal value), and the submitted one already reaches every worker.
 3. Otherwise start a new local Ray (`address="local"`, so that a stray cluster of another user on
    the same machine is never joined by accident) with the dashboard, when its dependencies are
    installed, bound to 127.0.0.1 only: the dashboard and job API have had no authentication by
@@ -28,6 +31,7 @@ Ray started here is shut down when the `ray_session` block ends.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +50,9 @@ FORWARDED_ENV = (
     "MRCNN_S3_MAX_ATTEMPTS",
 )
 
+# Set by Ray's job supervisor for the driver of a submitted job: the job's runtime env, as JSON.
+SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 
 @dataclass(frozen=True)
 class RaySession:
@@ -60,8 +67,20 @@ class RaySession:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The non-secret storage settings of this process that Ray workers must see too."""
-    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    """The non-secret storage settings of this process that Ray workers must see too.
+
+    Those the submitted job's runtime env sets are left out: they reach the workers already.
+    """
+    submitted = submitted_env_vars()
+    return {
+        name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name) and name not in submitted
+    }
+
+
+def submitted_env_vars() -> dict[str, str]:
+    """The `env_vars` of the runtime env `ray job submit` gave this driver; empty outside a job."""
+    config = json.loads(os.environ.get(SUBMITTED_JOB_CONFIG) or "{}")
+    return (config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 @contextmanager

@@ -28,9 +28,25 @@ def test_node_types_autoscale_from_zero_gpu_and_cpu_workers():
     assert types["cpu"]["min_workers"] == 0
 
 
-def test_installs_the_project_and_uses_instance_roles_not_keys():
+def test_installs_the_project_into_rays_python_311_gpu_image_on_every_node():
     config = _config()
-    assert any("pip install -e /home/ubuntu/mask-rcnn-ray" in c for c in config["setup_commands"])
+    assert config["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    [project_dir] = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    assert any(f"pip install --no-cache-dir {project_dir}" in c for c in config["setup_commands"])
+    # What .gitignore names (.venv, demo-output, ...) is not copied to the nodes.
+    assert ".gitignore" in config["rsync_filter"]
+
+
+def test_every_ray_start_requires_the_token_that_goes_to_every_node():
+    config = _config()
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        [start] = [command for command in commands if "ray start" in command]
+        assert "RAY_AUTH_MODE=token " in start and "RAY_num_workers_soft_limit=32 " in start
+
+
+def test_uses_instance_roles_not_keys():
+    config = _config()
     text = CLUSTER_YAML.read_text()
     assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text
     for node in config["available_node_types"].values():

@@ -1,86 +1,65 @@
 """Every job runs unchanged under `ray job submit` against a running cluster.
 
-A real `ray start --head` on 127.0.0.1 with free ports plays the cluster; the jobs are submitted
-with the `ray job submit` CLI exactly as a user would, and must join that cluster (RAY_ADDRESS is
+A real `ray start --head` on 127.0.0.1, with cluster.yaml's flags and environment (token auth
+on) and free ports, plays the cluster; the jobs are submitted with the `ray job submit` CLI
+exactly as README's cluster section has a user do it, and must join that cluster (RAY_ADDRESS is
 set by the job supervisor) instead of starting their own Ray.
 """
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from local_head import REPO, generate_token, local_head, ray_cli
 
-from mrcnn.shapes import generate_shapes
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TERMINAL = ("succeeded", "failed", "stopped")
+# What a user passes with `ray job submit --runtime-env-json` for a cluster in another region.
+RUNTIME_ENV = {"env_vars": {"AWS_REGION": "eu-west-1", "MRCNN_S3_MAX_ATTEMPTS": "7"}}
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(free_ports):
-    """A one-node Ray cluster started with `ray start --head --block`; yields the job API address."""
-    env = _environment()
-    dashboard_port = free_ports()
-    # A short temp dir: Ray's Unix socket paths must stay under ~107 characters.
-    temp_dir = tempfile.mkdtemp(prefix="rjs-", dir="/tmp")
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={free_ports()}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={free_ports()}",
-            f"--dashboard-agent-listen-port={free_ports()}",
-            f"--metrics-export-port={free_ports()}",
-            f"--runtime-env-agent-port={free_ports()}",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ],  # fmt: skip
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        _wait_for_job_api(address, head)
-        yield address
-    finally:
-        # Only this cluster's processes: `ray stop` would also stop the tests' own local Ray.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_cluster(free_ports, tmp_path_factory):
+    """A one-node Ray cluster started as cluster.yaml starts its head; yields its job API address.
+
+    Its token is the one `ray get-auth-token --generate` wrote under the module's HOME, as README
+    has the user generate it before `ray up`.
+    """
+    home = tmp_path_factory.mktemp("home")
+    generate_token(home)
+    with local_head(home, free_ports) as address:
+        yield address, home
 
 
-def test_training_then_segmentation_jobs_succeed_on_the_cluster(ray_cluster, tmp_path):
-    train = generate_shapes(str(tmp_path / "train"), 8, seed=1, size=64)
-    val = generate_shapes(str(tmp_path / "val"), 4, seed=2, size=64)
+def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
+    """make_shapes, train, segment and evaluate, each submitted as README's cluster section shows.
+
+    Training and segmentation also get `--runtime-env-json` with storage settings, as a user sets
+    `AWS_REGION` for a cluster: the submitted runtime env must reach the job without clashing with
+    what the job forwards to its workers itself (Ray refuses a `ray.init` runtime env that names a
+    variable the submitted one names).
+    """
+    train, val = tmp_path / "train", tmp_path / "val"
+    _submit(ray_cluster, f"python -m jobs.make_shapes {train} --num-images 8 --seed 1 --size 64")
+    _submit(ray_cluster, f"python -m jobs.make_shapes {val} --num-images 4 --seed 2 --size 64")
+    assert len(list((train / "images").iterdir())) == 8
+    assert len(json.loads((val / "annotations.json").read_text())["images"]) == 4
+
     run = tmp_path / "run"
-
     _submit(
         ray_cluster,
         "python -m jobs.train"
-        f" --train-annotations {train.annotations_uri} --train-images {train.images_root}"
-        f" --val-annotations {val.annotations_uri} --val-images {val.images_root}"
+        f" --train-annotations {train / 'annotations.json'} --train-images {train / 'images'}"
+        f" --val-annotations {val / 'annotations.json'} --val-images {val / 'images'}"
         f" --output {run} --preset tiny --num-workers 1 --epochs 1 --batch-size 4",
+        runtime_env=RUNTIME_ENV,
     )
     assert (run / "model" / "model.json").exists()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -88,46 +67,76 @@ def test_training_then_segmentation_jobs_succeed_on_the_cluster(ray_cluster, tmp
     masks = tmp_path / "masks"
     _submit(
         ray_cluster,
-        f"python -m jobs.segment --input {val.images_root} --output {masks} --model {run / 'model'}"
+        f"python -m jobs.segment --input {val / 'images'} --output {masks} --model {run / 'model'}"
         " --score-threshold 0.05 --gpus-per-actor 0 --batch-size 2",
+        runtime_env=RUNTIME_ENV,
     )
     rows = pads.dataset(str(masks), format="parquet").to_table().to_pylist()
-    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in Path(val.images_root).iterdir())
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in (val / "images").iterdir())
     assert all(row["error"] is None for row in rows)
     success = json.loads((masks / "_SUCCESS.json").read_text())
     assert success["images"] == 4 and success["errors"] == 0
 
-
-def _environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    # A new cluster requires a token (Ray >= 2.52); the CLI must be told to send it.
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env
-
-
-def _ray(*args: str) -> subprocess.CompletedProcess:
-    """Run the `ray` CLI of this environment, as a user on the cluster's machine would."""
-    return subprocess.run([str(BIN / "ray"), *args], env=_environment(), capture_output=True, text=True)
+    scores = tmp_path / "eval.json"
+    _submit(
+        ray_cluster,
+        f"python -m jobs.evaluate --predictions {masks} --annotations {val / 'annotations.json'}"
+        f" --json {scores}",
+    )
+    stats = json.loads(scores.read_text())
+    assert set(stats) == {"bbox", "segm"} and 0.0 <= stats["segm"]["AP"] <= 1.0
 
 
-def _wait_for_job_api(address: str, head: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
-        if _ray("job", "list", "--address", address).returncode == 0:
-            return
-        time.sleep(2)
-    raise RuntimeError("the Ray job API did not come up within 120 s")
+def test_submitted_env_vars_reach_the_workers_of_a_job(ray_cluster):
+    """A variable set with `--runtime-env-json` is what the job's Ray tasks see, not the node's."""
+    probe = """
+import os, ray
+from pipeline.ray_runtime import ray_session
+
+with ray_session():
+    print("task sees", ray.get(ray.remote(lambda: os.environ.get("AWS_REGION")).remote()))
+"""
+    logs = _submit(ray_cluster, ["python", "-c", probe], runtime_env=RUNTIME_ENV)
+    assert f"task sees {RUNTIME_ENV['env_vars']['AWS_REGION']}" in logs
 
 
-def _submit(address: str, entrypoint: str) -> None:
-    """`ray job submit --working-dir <repo>` and wait for a terminal state; fail unless SUCCEEDED."""
-    submitted = _ray(
-        "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-        *entrypoint.split(),
+def test_working_dir_uploads_the_code_but_no_environment_or_outputs(ray_cluster, tmp_path):
+    """`--working-dir .` in a checkout where `make setup` and `make demo` ran ships only the code."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache"))
+    for junk in (
+        ".venv/lib/python3.11/site-packages/torch/big.so",
+        "demo-output/model/weights.pt",
+        "bench-output/table.json",
+        "build/lib/jobs/train.py",
+        "ray_mask_rcnn.egg-info/PKG-INFO",
+    ):
+        (checkout / junk).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / junk).write_bytes(b"0" * 1024)
+    lister = "import pathlib; print(sorted(str(p) for p in pathlib.Path('.').rglob('*') if p.is_file()))"
+    logs = _submit(ray_cluster, ["python", "-c", lister], working_dir=checkout)
+    uploaded = ast.literal_eval(next(line for line in logs.splitlines() if line.startswith("[")))
+    assert "jobs/segment.py" in uploaded and "pyproject.toml" in uploaded
+    junk_roots = {".venv", "demo-output", "bench-output", "build", "ray_mask_rcnn.egg-info"}
+    assert [path for path in uploaded if path.split("/")[0] in junk_roots] == []
+
+
+def _submit(
+    cluster: tuple[str, Path],
+    entrypoint: str | list[str],
+    runtime_env: dict | None = None,
+    working_dir: Path = REPO,
+) -> str:
+    """`ray job submit --working-dir DIR [--runtime-env-json ...]`, waited for; fail unless SUCCEEDED.
+
+    Returns the job's logs.
+    """
+    address, home = cluster
+    argv = entrypoint.split() if isinstance(entrypoint, str) else entrypoint
+    options = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    submitted = ray_cli(
+        home, "job", "submit", "--address", address, "--working-dir", str(working_dir), *options,
+        "--no-wait", "--", *argv, RAY_AUTH_MODE="token",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = next(
@@ -138,7 +147,9 @@ def _submit(address: str, entrypoint: str) -> None:
     while time.monotonic() < deadline and status not in TERMINAL:
         time.sleep(3)
         # The CLI says e.g. "Job 'raysubmit_...' succeeded".
-        reported = _ray("job", "status", "--address", address, job_id).stdout.lower()
+        reported = ray_cli(home, "job", "status", "--address", address, job_id, RAY_AUTH_MODE="token")
+        reported = reported.stdout.lower()
         status = next((state for state in TERMINAL if f"' {state}" in reported), reported)
-    logs = _ray("job", "logs", "--address", address, job_id).stdout
+    logs = ray_cli(home, "job", "logs", "--address", address, job_id, RAY_AUTH_MODE="token").stdout
     assert status == "succeeded", f"{entrypoint}\n{status}\n{logs[-4000:]}"
+    return logs
