@@ -1,16 +1,24 @@
 """One line from an error that Ray wrapped: the original exception under Ray's layers.
 
-Ray re-raises a task's or actor's exception inside its own types (`RayTaskError(X)` with `.cause`,
-Ray Train's `ControllerError.controller_failure` and `WorkerGroupError.worker_failures`, or plain
-`__cause__`) and appends lines of retry advice and tracebacks to their messages. Jobs print the
-innermost exception, whose messages in this project are one line.
+Ray re-raises a task's or actor's exception inside its own types and appends lines of retry
+advice and tracebacks to their messages: `RayTaskError(X)` keeps the original in `.cause`; Ray
+Train's `ControllerError.controller_failure` and `WorkerGroupError.worker_failures` hold theirs;
+an actor whose `__init__` raised comes back as an `ActorDiedError` that keeps only the text of the
+creation task's traceback, whose last line is `module.X: message`. Ray Data chains an empty
+`SystemException` under errors it deems internal, which says nothing. Jobs print the innermost
+exception, whose messages in this project are one line.
 """
 
 from __future__ import annotations
 
+import re
+
+# The last line of a Python traceback: `package.module.ErrorName: message`.
+_TRACEBACK_LAST_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception under Ray's wrappers (the first failed worker's, by rank)."""
+    """The innermost informative exception under Ray's wrappers (the first failed worker's, by rank)."""
     seen = {id(error)}
     while True:
         failures = getattr(error, "worker_failures", None)
@@ -20,17 +28,23 @@ def root_cause(error: BaseException) -> BaseException:
             inner = (
                 getattr(error, "controller_failure", None) or getattr(error, "cause", None) or error.__cause__
             )
-        if not isinstance(inner, BaseException) or id(inner) in seen:
+        if not isinstance(inner, BaseException) or id(inner) in seen or not str(inner).strip():
             return error
         seen.add(id(inner))
         error = inner
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
-    """`Type: first line of the message` of the root cause, at most `limit` characters."""
+    """`ErrorName: message` of the root cause, at most `limit` characters.
+
+    When the root cause is Ray's text of a remote traceback, the original exception's own last
+    line is taken from it.
+    """
     cause = root_cause(error)
-    lines = str(cause).strip().splitlines()
-    name = type(cause).__name__
-    # RayTaskError(X) subclasses print the traceback; their last line is "X: message".
-    text = lines[-1] if name.startswith("RayTaskError") and lines else (lines[0] if lines else "")
+    lines = [line.strip() for line in str(cause).strip().splitlines()]
+    remote = [match for line in lines if (match := _TRACEBACK_LAST_LINE.match(line))]
+    if remote and len(lines) > 1:
+        name, text = remote[-1].groups()
+    else:
+        name, text = type(cause).__name__, lines[0] if lines else ""
     return f"{name}: {' '.join(text.split())}"[:limit]

@@ -42,7 +42,7 @@ from pipeline.gpu import GpuUnavailableError, gpus_to_request
 from pipeline.inference import Segmenter
 from pipeline.listing import InputSpec, PathDatasource
 from pipeline.postprocess import finish_batch
-from pipeline.ray_errors import one_line, root_cause
+from pipeline.ray_errors import one_line
 from pipeline.shared_storage import SharedStorageError, StorageMarker
 
 logger = logging.getLogger(__name__)
@@ -220,11 +220,12 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
             f"add such nodes (Ray: {one_line(error)})"
         ) from error
     except ray.exceptions.RayError as error:
-        if isinstance(root_cause(error), (GpuUnavailableError, SharedStorageError)):
+        cause = one_line(error)
+        if cause.startswith((f"{GpuUnavailableError.__name__}:", f"{SharedStorageError.__name__}:")):
             # A node that cannot do the work: re-running the same command would not help.
-            raise SegmentError(one_line(error)) from error
+            raise SegmentError(cause) from error
         raise SegmentError(
-            f"the job stopped: {one_line(error)}; the files already in the output are complete, "
+            f"the job stopped: {cause}; the files already in the output are complete, "
             f"re-run the same command to go on"
         ) from error
     summary = output.summarize(config.output_uri)
