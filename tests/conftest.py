@@ -80,6 +80,9 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         ray.init(
+            # A new Ray of this process, never a cluster that another test (or anyone) started on
+            # this machine, which `ray.init()` would otherwise find and join.
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             configure_logging=False,
