@@ -14,12 +14,14 @@ that must *not* see a folder runs under `unshare --mount` with a tmpfs over it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -29,15 +31,7 @@ class MultiNodeCluster:
     """A head node plus worker nodes added and killed by name; use as a context manager."""
 
     def __init__(self, head_cpus: float, env: dict[str, str] | None = None):
-        self.home = tempfile.mkdtemp(prefix="mnc-home-")
-        self.env = {
-            **os.environ,
-            "HOME": self.home,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            **(env or {}),
-        }
-        for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            self.env.pop(name, None)
+        self.env = cluster_environment(env)
         self._process = subprocess.Popen(
             [sys.executable, __file__],
             stdin=subprocess.PIPE,
@@ -96,6 +90,7 @@ class MultiNodeCluster:
             except (OSError, RuntimeError, subprocess.TimeoutExpired):
                 pass
         _kill_group(self._process)
+        _kill_marked(self.env[MARKER])
 
     def _call(self, op: str, **args) -> dict:
         self._process.stdin.write(json.dumps({"op": op, **args}) + "\n")
@@ -107,6 +102,131 @@ class MultiNodeCluster:
         if "error" in reply:
             raise RuntimeError(f"cluster harness, {op}: {reply['error']}")
         return reply
+
+
+class FakeAutoscalingCluster:
+    """`ray start --head` with Ray's fake multi-node autoscaler: it starts a local raylet per node
+    it launches, with the resources its node type declares (a "GPU" there is a resource only).
+
+    `node_types` maps a worker node type's name to its resources, e.g. `{"gpu": {"CPU": 1,
+    "GPU": 1}}`; each scales from 0 to 1 node. Use as a context manager.
+    """
+
+    def __init__(self, head_cpus: int, node_types: dict[str, dict], free_port, env: dict | None = None):
+        autoscaler = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        self.env = cluster_environment({**autoscaler, **(env or {})})
+        self.temp_dir = tempfile.mkdtemp(prefix="fac-", dir="/tmp")
+        port = free_port()
+        config = {
+            "cluster_name": "fake-gpu",
+            "max_workers": len(node_types),
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5,
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+                "gcs_address": f"127.0.0.1:{port}",
+            },
+            "auth": {},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+                **{
+                    name: {"resources": resources, "node_config": {}, "min_workers": 0, "max_workers": 1}
+                    for name, resources in node_types.items()
+                },
+            },
+            "head_node_type": "ray.head.default",
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        config_file = Path(self.temp_dir) / "autoscaler.json"
+        config_file.write_text(json.dumps(config))
+        self._head = subprocess.Popen(
+            [
+                str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                f"--port={port}", f"--num-cpus={head_cpus}", "--include-dashboard=false",
+                f"--autoscaling-config={config_file}", f"--temp-dir={self.temp_dir}",
+                "--disable-usage-stats",
+            ],  # fmt: skip
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.address = f"127.0.0.1:{port}"
+        self.job_env = {**self.env, "RAY_ADDRESS": self.address}
+        self._wait_until_up()
+
+    def __enter__(self) -> FakeAutoscalingCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _kill_group(self._head)
+        # The autoscaler's nodes run in processes of their own: end every process of this cluster.
+        _kill_marked(self.env[MARKER])
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + 120
+        probe = [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"]
+        while subprocess.run(probe, env=self.job_env, capture_output=True).returncode != 0:
+            if self._head.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the fake autoscaling cluster did not come up")
+            time.sleep(1)
+
+
+MARKER = "MRCNN_TEST_CLUSTER"
+
+
+def cluster_environment(extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a test cluster's processes and of the jobs submitted to it.
+
+    A HOME of its own (no auth token of this machine's user: the cluster runs without one, and
+    jobs that join it send none), and a random `MRCNN_TEST_CLUSTER` marker by which its processes
+    are found (`processes_of`) and ended.
+    """
+    env = {
+        **os.environ,
+        "HOME": tempfile.mkdtemp(prefix="cluster-home-"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        MARKER: os.urandom(6).hex(),
+        **(extra or {}),
+    }
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(name, None)
+    return env
+
+
+def processes_of(env: dict[str, str], title_part: str = "") -> list[int]:
+    """PIDs of the processes of the cluster with environment `env` whose command line has `title_part`."""
+    found = []
+    wanted = f"{MARKER}={env[MARKER]}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if title_part in title and wanted in environ and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def _kill_marked(marker: str) -> None:
+    for pid in processes_of({MARKER: marker}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -130,8 +250,6 @@ def _ancestors(pid: int) -> list[int]:
 
 def _serve() -> None:
     """The harness process: one command per stdin line, one JSON reply per stdout line."""
-    import time
-
     import ray
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -155,7 +273,12 @@ def _serve() -> None:
             if op == "start":
                 cluster = Cluster(
                     initialize_head=True,
-                    head_node_args={"num_cpus": command["num_cpus"], "include_dashboard": False},
+                    head_node_args={
+                        "num_cpus": command["num_cpus"],
+                        "include_dashboard": False,
+                        # Not /tmp/ray, whose "current cluster" file `ray.init()` elsewhere would find.
+                        "temp_dir": tempfile.mkdtemp(prefix="mnc-", dir="/tmp"),
+                    },
                 )
                 nodes["head"] = cluster.head_node
                 # A driver of the harness's own, for `ray.nodes()`.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 import torch
-from ray_cluster import MultiNodeCluster
+from ray_cluster import FakeAutoscalingCluster, MultiNodeCluster, processes_of
 
 from mrcnn import build_model
 from mrcnn.categories import Category
@@ -79,30 +79,15 @@ def wait_for(condition, job: subprocess.Popen, what: str, timeout: float = 300) 
         time.sleep(0.05)
 
 
-def processes_titled(word: str, marker: str) -> list[int]:
-    """PIDs of this cluster's processes (by `marker` in their environment) whose title has `word`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if word in title and f"MRCNN_TEST_CLUSTER={marker}".encode() in environ:
-            found.append(int(pid))
-    return found
-
-
 def read_rows(output: Path) -> list[dict]:
     return pads.dataset(str(output), format="parquet").to_table().to_pylist()
 
 
 def test_segmentation_completes_when_the_node_of_its_inference_actor_dies(tmp_path, model_dir, shapes):
     """The actor's node crashes mid-run; the actor comes back on the other node, every input once."""
-    marker = os.urandom(6).hex()
     output = tmp_path / "masks"
     expected = sorted(str(path) for path in Path(shapes.images_root).iterdir())
-    with MultiNodeCluster(head_cpus=1, env={"MRCNN_TEST_CLUSTER": marker}) as cluster:
+    with MultiNodeCluster(head_cpus=1) as cluster:
         # The actor needs 2 CPUs: only worker nodes fit it, never the 1-CPU head.
         cluster.add_node("a", num_cpus=2)
         cluster.add_node("b", num_cpus=2)
@@ -112,7 +97,7 @@ def test_segmentation_completes_when_the_node_of_its_inference_actor_dies(tmp_pa
             "--batch-size", "2", "--rows-per-file", "2", "--score-threshold", "0.05",
         )  # fmt: skip
         wait_for(lambda: any(output.glob("part-*.parquet")), job, "a committed part file")
-        actors = processes_titled("Segmenter", marker)
+        actors = processes_of(cluster.env, "Segmenter")
         assert len(actors) == 1
         victim = cluster.node_of(actors[0])
         assert victim in ("a", "b")
@@ -152,3 +137,113 @@ def test_training_resumes_from_its_checkpoint_once_a_new_node_replaces_a_dead_on
     assert [record["epoch"] for record in history] == list(range(1, epochs + 1))
     assert "resuming from checkpoint" in stdout + stderr
     assert (run / "model" / "model.json").exists()
+
+
+def run_job(env: dict, module: str, *argv: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_local_paths_that_another_node_does_not_see_are_refused_before_any_work(tmp_path, model_dir, shapes):
+    """A node whose filesystem lacks the driver's folder (a tmpfs over it in a mount namespace of
+    its own, as a node without the shared mount would be): both jobs exit 2 with one line."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine cannot make mount namespaces (unshare --mount)")
+    hidden = tmp_path / "only-on-the-driver"
+    hidden.mkdir()
+    visible = Path(model_dir).parent
+    with MultiNodeCluster(head_cpus=1) as cluster:
+        cluster.add_isolated_node(num_cpus=1, hidden_folder=str(hidden))
+        segment = run_job(
+            cluster.job_env, "jobs.segment", "--input", shapes.images_root, "--output",
+            str(hidden / "masks"), "--model", model_dir, "--gpus-per-actor", "0",
+        )  # fmt: skip
+        train_data = hidden / "shapes"
+        copy = generate_shapes(str(train_data), 4, seed=3, size=64)
+        train = run_job(
+            cluster.job_env, "jobs.train", "--train-annotations", copy.annotations_uri,
+            "--train-images", copy.images_root, "--output", str(visible / "run"), "--preset", "tiny",
+            "--num-workers", "1",
+        )  # fmt: skip
+    assert segment.returncode == 2, segment.stderr[-3000:]
+    assert last_line(segment).startswith(f"segment: error: --output {hidden / 'masks'} ")
+    assert "on node" in last_line(segment) and "s3://" in last_line(segment)
+    assert not list((hidden / "masks").glob("part-*"))
+    assert train.returncode == 2, train.stderr[-3000:]
+    assert last_line(train).startswith("train: error: --train-")
+    assert "differs from the driver's copy" in last_line(train)
+    assert not (visible / "run" / "checkpoints").exists()
+
+
+def test_no_gpu_anywhere_and_no_autoscaler_ends_each_job_in_one_line_within_its_timeout(
+    tmp_path, model_dir, shapes
+):
+    """GPUs are requested on a cluster with none and nothing to launch them: no silent CPU run and
+    no endless wait, but one line once `--resource-timeout` has passed."""
+    # Ray Train's own wait per placement try (60 s by default), shortened for the test.
+    with MultiNodeCluster(head_cpus=2, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}) as cluster:
+        segment = run_job(
+            cluster.job_env, "jobs.segment", "--input", shapes.images_root, "--output",
+            str(tmp_path / "masks"), "--model", model_dir, "--resource-timeout", "5",
+        )  # fmt: skip
+        train = run_job(
+            cluster.job_env, "jobs.train", "--train-annotations", shapes.annotations_uri,
+            "--train-images", shapes.images_root, "--output", str(tmp_path / "run"), "--preset", "tiny",
+            "--num-workers", "1", "--use-gpu", "--resource-timeout", "10",
+        )  # fmt: skip
+    assert segment.returncode == 1, segment.stderr[-3000:]
+    assert last_line(segment).startswith(
+        "segment: error: the cluster gave no room for 1 inference actor(s) of 1 CPUs and 1 GPU within 5 s"
+    )
+    assert not list((tmp_path / "masks").glob("part-*"))
+    assert train.returncode == 1, train.stderr[-3000:]
+    assert last_line(train).startswith(
+        "train: error: the cluster gave no room for 1 workers of 1 CPUs and 1 GPU within 10 s"
+    )
+
+
+@pytest.fixture(scope="module")
+def gpu_autoscaling_cluster(free_ports):
+    """A CPU head and a `gpu` node type ({CPU: 1, GPU: 1}) that Ray's fake autoscaler launches."""
+    with FakeAutoscalingCluster(2, {"gpu": {"CPU": 1, "GPU": 1}}, free_ports) as cluster:
+        yield cluster
+
+
+def test_gpu_actors_are_requested_from_a_cluster_with_no_gpu_yet_and_a_gpu_without_cuda_is_one_line(
+    gpu_autoscaling_cluster, tmp_path, model_dir, shapes
+):
+    """The cluster holds no GPU when the job starts; `--gpus-per-actor 1` (the default) still asks
+    for one, the autoscaler launches a GPU node, and the actor there, whose torch sees no CUDA
+    device on this machine, stops the job with one line naming that node: no CPU fallback."""
+    segment = run_job(
+        gpu_autoscaling_cluster.job_env, "jobs.segment", "--input", shapes.images_root,
+        "--output", str(tmp_path / "masks"), "--model", model_dir, "--resource-timeout", "300",
+    )  # fmt: skip
+    assert segment.returncode == 1, segment.stderr[-3000:]
+    line = last_line(segment)
+    assert line.startswith("segment: error: GpuUnavailableError: node "), segment.stderr[-3000:]
+    # The fake provider's node ids: ffff...f00001 and on are the nodes it launched.
+    assert "Ray node ffffffffffff" in line and "was given a GPU by Ray but torch" in line
+    assert not list((tmp_path / "masks").glob("part-*"))
+
+
+def test_gpu_training_workers_without_cuda_fail_before_training_with_one_line(
+    gpu_autoscaling_cluster, tmp_path, shapes
+):
+    train = run_job(
+        gpu_autoscaling_cluster.job_env, "jobs.train", "--train-annotations", shapes.annotations_uri,
+        "--train-images", shapes.images_root, "--output", str(tmp_path / "run"), "--preset", "tiny",
+        "--num-workers", "1", "--use-gpu", "--resource-timeout", "300",
+    )  # fmt: skip
+    assert train.returncode == 1, train.stderr[-3000:]
+    line = last_line(train)
+    assert line.startswith("train: error: training failed: GpuUnavailableError: node "), train.stderr[-3000:]
+    assert "Ray node ffffffffffff" in line and "was given a GPU by Ray but torch" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
