@@ -6,9 +6,9 @@ Three cases, in this order:
    leave it running afterwards.
 2. `RAY_ADDRESS` is set (a shell pointed at a cluster, or a driver started by `ray job submit`,
    which sets it): join that cluster. Non-secret S3 settings of this process (`AWS_ENDPOINT_URL`,
-   region, `MRCNN_S3_MAX_ATTEMPTS`) are forwarded to the workers through the job's runtime
-   environment; credentials never are (a runtime environment is visible in the dashboard), so the
-   cluster's nodes need their own (instance roles, or the job's `--runtime-env`).
+   region, `MRCNN_S3_MAX_ATTEMPTS`, `MRCNN_S3_TRACE`) are forwarded to the workers through the job's
+   runtime environment; credentials never are (a runtime environment is visible in the dashboard),
+   so the cluster's nodes need their own (instance roles, or the job's `--runtime-env`).
 3. Otherwise start a new local Ray (`address="local"`, so that a stray cluster of another user on
    the same machine is never joined by accident) with the dashboard, when its dependencies are
    installed, bound to 127.0.0.1 only: the dashboard and job API have had no authentication by
@@ -43,6 +43,7 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "MRCNN_S3_MAX_ATTEMPTS",
+    "MRCNN_S3_TRACE",
 )
 
 
