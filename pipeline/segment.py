@@ -68,6 +68,8 @@ class SegmentConfig:
     score_threshold: float = 0.5
     max_pixels: int = 100_000_000
     rows_per_file: int = 256
+    # The output's `_JOB.json` record (`pipeline.provenance`), repeated in `_SUCCESS.json`.
+    job: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,14 @@ class SegmentReport:
     seconds: float
     output: output.OutputSummary
     repaired_duplicates: int = 0
+    job: dict | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.new_images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        """The `_SUCCESS.json` content: output totals first, then this run's figures."""
+        """The `_SUCCESS.json` content: output totals first, then this run's figures and settings."""
         return {
             "images": self.output.images,
             "errors": self.output.errors,
@@ -99,6 +102,7 @@ class SegmentReport:
             "new_instances": self.new_instances,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
+            "job": self.job,
         }
 
 
@@ -208,6 +212,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
         seconds=time.perf_counter() - start,
         output=summary,
         repaired_duplicates=repaired,
+        job=config.job,
     )
     if not summary.duplicate_paths:
         output.write_success(config.output_uri, report.to_dict())
