@@ -101,10 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = check_input(args.input, args.limit)
         load_spec(args.model)
-        job, notice = claim_output(args.output, job_record(args.model, args.score_threshold, args.max_pixels))
-    except (InputError, ModelError, StorageError, ProvenanceMismatch) as error:
+        record = job_record(args.model, args.score_threshold, args.max_pixels)
+    except (InputError, ModelError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
+    try:
+        job, notice = claim_output(args.output, record)
+    except ProvenanceMismatch as error:
+        print(f"segment: error: {error}", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        # The output could not be read or written (throttling, permissions): a failure of the
+        # run, as when a part file cannot be committed, not a mistake in the command line.
+        print(f"segment: error: {error}; nothing was written, re-run the same command", file=sys.stderr)
+        return 1
     if notice:
         print(f"segment: note: {notice}", file=sys.stderr)
 
