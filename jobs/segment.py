@@ -6,10 +6,11 @@
 `--input` is a folder or `s3://bucket/prefix` (images by extension, recursively), a `.txt`
 manifest (one URI per line) or a `.parquet` manifest with a `path` column. `--model` is a model
 folder exported by `jobs.train` (local or s3://) or `torchvision:maskrcnn_resnet50_fpn_v2`. The
-output gets one row per input image (schema in `pipeline.output`), and `OUTPUT/_SUCCESS.json`
-with the counts at the end. Re-running the same command after a crash or a kill processes only
-the inputs that have no row yet. With `RAY_ADDRESS` set the job runs on that cluster; otherwise on
-a local Ray of `--num-cpus` CPUs.
+output gets one row per input image (schema in `pipeline.output`), `OUTPUT/_JOB.json` with the
+settings that made its rows (`pipeline.provenance`), and `OUTPUT/_SUCCESS.json` with the counts
+at the end. Re-running the same command after a crash or a kill processes only the inputs that
+have no row yet; a re-run with other settings (model content, threshold, max pixels) exits 2.
+With `RAY_ADDRESS` set the job runs on that cluster; otherwise on a local Ray of `--num-cpus` CPUs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jobs.cli import OneLineParser, bounded
 from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.listing import InputError, check_input
+from pipeline.provenance import ProvenanceMismatch, claim_output, job_record
 from pipeline.segment import DEFAULT_RESOURCE_TIMEOUT_S
 
 
@@ -111,9 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = check_input(args.input, args.limit)
         load_spec(args.model)
+        record = job_record(args.model, args.score_threshold, args.max_pixels)
     except (InputError, ModelError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
+    try:
+        job, notice = claim_output(args.output, record)
+    except ProvenanceMismatch as error:
+        print(f"segment: error: {error}", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        # The output could not be read or written (throttling, permissions): a failure of the
+        # run, as when a part file cannot be committed, not a mistake in the command line.
+        print(f"segment: error: {error}; nothing was written, re-run the same command", file=sys.stderr)
+        return 1
+    if notice:
+        print(f"segment: note: {notice}", file=sys.stderr)
 
     from pipeline.ray_runtime import ray_session
     from pipeline.segment import SegmentConfig, SegmentError, run_segmentation
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file,
         resource_timeout_s=args.resource_timeout,
+        job=job,
     )
     try:
         with ray_session(num_cpus=args.num_cpus) as session:

@@ -90,10 +90,16 @@ def _torchvision_weights(builder: str):
     return get_model_weights(builder).DEFAULT
 
 
+def torchvision_cache_path(builder: str) -> str:
+    """Where the torch hub cache keeps torchvision's COCO weights for `builder` (it may not exist)."""
+    file_name = os.path.basename(_torchvision_weights(builder).url)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+
+
 def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
     """torchvision's COCO weights from the torch hub cache, downloading them if a network exists."""
     weights = _torchvision_weights(builder)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    cached = torchvision_cache_path(builder)
     if os.path.exists(cached):
         with open(cached, "rb") as file:
             return _load_trusted(io.BytesIO(file.read()), cached)

@@ -54,6 +54,9 @@ SCHEMA = pa.schema(
     ]
 )
 """One row per input image; see issue 5 and the README for the meaning of each column."""
+# Recorded in `_JOB.json` (`pipeline.provenance`): raise it when SCHEMA or a column's meaning
+# changes, so that a re-run never mixes rows of two schemas in one output.
+SCHEMA_VERSION = 1
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"

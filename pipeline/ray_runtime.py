@@ -6,9 +6,10 @@ Three cases, in this order:
    leave it running afterwards.
 2. `RAY_ADDRESS` is set (a shell pointed at a cluster, or a driver started by `ray job submit`,
    which sets it): join that cluster. Non-secret S3 settings of this process (`AWS_ENDPOINT_URL`,
-   region, `MRCNN_S3_MAX_ATTEMPTS`) are forwarded to the workers through the job's runtime
-   environment; credentials never are (a runtime environment is visible in the dashboard), so the
-   cluster's nodes need their own (instance roles, or the job's `--runtime-env`). A variable that
+   region, `MRCNN_S3_MAX_ATTEMPTS`, `MRCNN_S3_TRACE`) are forwarded to the workers through the
+   job's runtime environment; credentials never are (a runtime environment is visible in the
+   dashboard), so the cluster's nodes need their own (instance roles, or the job's
+   `--runtime-env`). A variable that
    `ray job submit --runtime-env-json '{"env_vars": ...}'` already sets is not forwarded again:
    Ray 2.60's `ray.init` refuses a runtime env that names the same variable as the submitted one
    (ValueError, even for an equal value), and the submitted one already reaches every worker.
@@ -48,6 +49,7 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "MRCNN_S3_MAX_ATTEMPTS",
+    "MRCNN_S3_TRACE",
 )
 
 # Set by Ray's job supervisor for the driver of a submitted job: the job's runtime env, as JSON.

@@ -81,6 +81,8 @@ class SegmentConfig:
     joined_cluster: bool = False
     resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
     output_marker: StorageMarker | None = None
+    # The output's `_JOB.json` record (`pipeline.provenance`), repeated in `_SUCCESS.json`.
+    job: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,14 @@ class SegmentReport:
     seconds: float
     output: output.OutputSummary
     repaired_duplicates: int = 0
+    job: dict | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.new_images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        """The `_SUCCESS.json` content: output totals first, then this run's figures."""
+        """The `_SUCCESS.json` content: output totals first, then this run's figures and settings."""
         return {
             "images": self.output.images,
             "errors": self.output.errors,
@@ -112,6 +115,7 @@ class SegmentReport:
             "new_instances": self.new_instances,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
+            "job": self.job,
         }
 
 
@@ -240,6 +244,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
         seconds=time.perf_counter() - start,
         output=summary,
         repaired_duplicates=repaired,
+        job=config.job,
     )
     if not summary.duplicate_paths:
         output.write_success(config.output_uri, report.to_dict())

@@ -1,4 +1,6 @@
-"""A fault-injecting HTTP proxy for S3 tests: 503 SlowDown for a share of the requests.
+"""A fault-injecting HTTP proxy for S3 tests: 503 SlowDown for a share of the requests, S3's answer
+to a request signed for another region than its bucket's (moto accepts any region), and counts of
+the requests and TCP connections it served.
 
 Shared by the segmentation and training fault-tolerance tests (`tests/` is on pytest's import
 path: rootdir-relative imports as in `conftest.py`).
@@ -9,21 +11,38 @@ from __future__ import annotations
 import http.client
 import http.server
 import random
+import re
 import threading
+
+# The region a SigV4 `Authorization` header was signed for.
+SIGNED_REGION = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/s3/")
 
 
 class FlakyS3Proxy:
     """An HTTP proxy on 127.0.0.1 in front of the moto server that answers a share of the requests
-    with S3's `503 SlowDown` instead of forwarding them; `failures` counts those answers."""
+    with S3's `503 SlowDown` instead of forwarding them; `failures` counts those answers.
+
+    `bucket_regions` (bucket -> region): a request to one of those buckets signed for another
+    region gets what S3 answers it, `400 AuthorizationHeaderMalformed` with `x-amz-bucket-region`.
+    `connections` counts the TCP connections accepted from clients (HTTP/1.1 keep-alive).
+    """
 
     SLOW_DOWN = (
         b'<?xml version="1.0" encoding="UTF-8"?>'
         b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
     )
 
-    def __init__(self, upstream: str, failure_rates: dict[str, float], seed: int = 0):
+    def __init__(
+        self,
+        upstream: str,
+        failure_rates: dict[str, float],
+        seed: int = 0,
+        bucket_regions: dict[str, str] | None = None,
+    ):
         self.failures = 0
         self.requests = 0
+        self.connections = 0
+        self.wrong_region = 0
         self.log: list[tuple[str, str, int, int]] = []
         proxy = self
         rng = random.Random(seed)
@@ -35,6 +54,11 @@ class FlakyS3Proxy:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with lock:
+                    proxy.connections += 1
 
             def handle_one_request(self):
                 try:
@@ -55,6 +79,13 @@ class FlakyS3Proxy:
 
             def _any(self):
                 body = self._body()
+                expected = (bucket_regions or {}).get(self.path.lstrip("/").split("/")[0].split("?")[0])
+                signed = SIGNED_REGION.search(self.headers.get("Authorization", ""))
+                if expected and signed and signed.group(1) != expected:
+                    with lock:
+                        proxy.wrong_region += 1
+                    self._wrong_region(signed.group(1), expected)
+                    return
                 with lock:
                     proxy.requests += 1
                     fail = rng.random() < failure_rates.get(self.command, 0.0)
@@ -85,6 +116,20 @@ class FlakyS3Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(payload)
                 connection.close()
+
+            def _wrong_region(self, signed: str, expected: str) -> None:
+                body = (
+                    "<Error><Code>AuthorizationHeaderMalformed</Code><Message>The authorization "
+                    f"header is malformed; the region '{signed}' is wrong; expecting '{expected}'"
+                    f"</Message><Region>{expected}</Region></Error>"
+                ).encode()
+                self.send_response(400)
+                self.send_header("x-amz-bucket-region", expected)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
 
