@@ -91,3 +91,20 @@ def ray_local(s3_server):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random Mask R-CNN folder whose categories have gapped ids (3, 7, 8)."""
+    import torch
+
+    from mrcnn.categories import Category
+    from mrcnn.model import build_model
+    from mrcnn.model_folder import save_model_folder, spec_for
+
+    categories = (Category(3, "circle"), Category(7, "square"), Category(8, "triangle"))
+    torch.manual_seed(0)
+    model = build_model("tiny", len(categories) + 1)
+    uri = str(tmp_path_factory.mktemp("model") / "model")
+    save_model_folder(model, spec_for(model, categories), uri)
+    return uri

@@ -17,27 +17,13 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import torch
 from ray_cluster import FakeAutoscalingCluster, MultiNodeCluster, processes_of
 
-from mrcnn import build_model
-from mrcnn.categories import Category
-from mrcnn.model_folder import save_model_folder, spec_for
 from mrcnn.shapes import generate_shapes
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-CATEGORIES = (Category(1, "circle"), Category(2, "square"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = build_model("tiny", len(CATEGORIES) + 1)
-    uri = str(tmp_path_factory.mktemp("model") / "model")
-    save_model_folder(model, spec_for(model, CATEGORIES), uri)
-    return uri
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 from s3_proxy import FlakyS3Proxy
 
 from jobs import segment as segment_job
 from mrcnn import storage
-from mrcnn.categories import Category
-from mrcnn.model import build_model
-from mrcnn.model_folder import save_model_folder, spec_for
+from mrcnn.model_folder import load_spec
 
-CATEGORIES = (Category(3, "circle"), Category(7, "square"), Category(8, "triangle"))
 THRESHOLD = 0.2
 EXPECTED_SCHEMA = pa.schema(
     [
@@ -49,16 +45,6 @@ EXPECTED_SCHEMA = pa.schema(
         ("model", pa.string()),
     ]
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """A tiny random Mask R-CNN folder whose categories have gapped ids (3, 7, 8)."""
-    torch.manual_seed(0)
-    model = build_model("tiny", len(CATEGORIES) + 1)
-    uri = str(tmp_path_factory.mktemp("model") / "model")
-    save_model_folder(model, spec_for(model, CATEGORIES), uri)
-    return uri
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
@@ -155,9 +141,9 @@ def test_bad_files_become_error_rows_and_good_ones_are_segmented(folder_run, mod
     assert {row["model"] for row in rows} == {model_dir}
 
 
-def test_detections_are_consistent_and_rles_decode_to_the_row_size(folder_run):
+def test_detections_are_consistent_and_rles_decode_to_the_row_size(folder_run, model_dir):
     _, _, rows = folder_run
-    names = {c.id: c.name for c in CATEGORIES}
+    names = {c.id: c.name for c in load_spec(model_dir).categories}
     for row in rows:
         if row["error"] is not None:
             continue
