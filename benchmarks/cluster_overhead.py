@@ -15,9 +15,10 @@ Each job's own images/s (`_SUCCESS.json`: listing to summary, actor start-up inc
 not) is compared, best of `--rounds` alternating rounds; the ratio b/a is the cluster path's cost.
 
 Then, on a head without CPUs (so that the actor runs on a worker node) and three 1-CPU worker
-nodes, the node running the inference actor is killed as a crash would (`remove_node(allow_graceful=False)`) right after the first committed file: the time
-from the kill to the next committed file is the time the job needs to run again (Ray notices the
-dead node, restarts the actor elsewhere, which loads the model, and retries the lost batches).
+nodes, the node running the inference actor is killed as a crash would
+(`remove_node(allow_graceful=False)`) right after the first committed file: the time from the
+kill to the next committed file is the time the job needs to run again (Ray notices the dead
+node, restarts the actor elsewhere, which loads the model, and retries the lost batches).
 """
 
 from __future__ import annotations

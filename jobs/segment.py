@@ -24,6 +24,7 @@ from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.listing import InputError, check_input
 from pipeline.provenance import ProvenanceMismatch, claim_output, job_record
+from pipeline.ray_compat import RayCompatError, check_ray_version
 from pipeline.segment import DEFAULT_RESOURCE_TIMEOUT_S
 
 
@@ -111,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_ray_version()
         spec = check_input(args.input, args.limit)
         load_spec(args.model)
         record = job_record(args.model, args.score_threshold, args.max_pixels)
-    except (InputError, ModelError, StorageError) as error:
+    except (RayCompatError, InputError, ModelError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     try:

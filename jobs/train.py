@@ -25,6 +25,7 @@ from mrcnn.model import ROI_OPS
 from mrcnn.presets import PRESETS
 from mrcnn.weights import WeightsError
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
+from pipeline.ray_compat import RayCompatError, check_ray_version
 from pipeline.trainer import (
     DEFAULT_LR,
     TrainingError,
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         resource_timeout_s=args.resource_timeout,
     )
     try:
+        check_ray_version()
         train_data, val_data = _read_datasets(job)
         if job.init_weights:
             check_init_weights(job, len(train_data.categories) + 1)
@@ -193,17 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"model in {storage.join(job.output, 'model')}); nothing to do"
             )
             return 0
-    except (CocoError, WeightsError, OutputMismatch, storage.StorageError) as error:
+    except (RayCompatError, CocoError, WeightsError, OutputMismatch, storage.StorageError) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
 
-    from pipeline.ray_compat import RayCompatError, check_ray_version
     from pipeline.ray_runtime import ray_session
     from pipeline.shared_storage import SharedStorageError, check_local_paths
     from pipeline.trainer import run_training
 
     try:
-        check_ray_version()
         with ray_session(num_cpus=args.num_cpus) as session:
             marker = None
             if session.joined_cluster:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_training(
                 job, train_data, val_data, joined_cluster=session.joined_cluster, output_marker=marker
             )
-    except (SharedStorageError, RayCompatError) as error:
+    except SharedStorageError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
     except (TrainingError, storage.StorageError) as error:

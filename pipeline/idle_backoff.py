@@ -9,7 +9,8 @@ step takes most of a second. Measured on the 2-core machine with 2 training work
 60 % of a core, and training ran at 9.8 instead of 12.7 images/s.
 
 `IdleBackoff` is an execution callback (`DataContext.custom_execution_callback_classes`, called
-after every pass of the loop) that sleeps `IDLE_SLEEP_S` when no operator has a task in flight.
+after every pass of the loop; its base class and the executor's state are private Ray names, kept
+in `pipeline.ray_compat`) that sleeps `IDLE_SLEEP_S` when no operator has a task in flight.
 The cost is at most that long a delay in launching the next decode task once the consumer takes
 a block; the executor's own pace while tasks run is unchanged.
 """
@@ -18,19 +19,10 @@ from __future__ import annotations
 
 import time
 
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+from pipeline.ray_compat import ExecutionCallback, nothing_in_flight
 
 # Ray's own wait while tasks run is 0.1 s; a step of training takes far longer than this.
 IDLE_SLEEP_S = 0.02
-
-
-def nothing_in_flight(executor) -> bool:
-    """Whether the streaming executor has started and none of its operators has a task running."""
-    # `_topology` is the executor's {operator: state}; None before it starts. Private in Ray 2.60
-    # (pinned): if a later Ray renames it, this says False and the backoff does nothing rather
-    # than fail.
-    topology = getattr(executor, "_topology", None)
-    return bool(topology) and not any(op.num_active_tasks() for op in topology)
 
 
 class IdleBackoff(ExecutionCallback):

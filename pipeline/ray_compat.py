@@ -1,8 +1,21 @@
 """Every use of a private or undocumented Ray name in the project, behind one seam.
 
-Written for Ray 2.60. Each entry says what it does, why no public API serves, and what to watch
-upstream. `check_ray_version` fails loudly when a name this module needs is gone, so that a Ray
-upgrade breaks a job at its start with one line instead of making a fix silently do nothing.
+Written for Ray 2.60 (pinned in pyproject.toml). Each entry below says what it does, why no public
+API serves, and what to watch upstream. `check_ray_version` fails loudly, with one line, when a
+name this module needs is gone or renamed: both jobs call it at their start, and
+`tests/test_cluster_rules.py` calls it, so that a Ray upgrade breaks a job at once instead of
+making a fix silently do nothing.
+
+The names:
+1. `ray.train.torch.config._TorchBackend`: the CUDA check before Ray Train's process group.
+2. `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` and `WorkerGroupStartupTimeoutError`
+   (`ray.train.v2._internal`): a time budget for placing training workers.
+3. `RAY_TRAIN_ENABLE_PRINT_PATCH` (`ray.train.v2._internal.constants`): plain prints in workers.
+4. `ray.data._internal.execution.execution_callback.ExecutionCallback` and the streaming
+   executor's `_topology`: the idle backoff of Ray Data's scheduling loop.
+5. `ray.init(_system_config={"num_workers_soft_limit": N})`: idle task workers kept alive.
+6. Undocumented behaviour: Ray Data fuses a task stage into the actor stage after it unless their
+   resources or runtime environments differ (see `UNFUSED_RUNTIME_ENV`).
 """
 
 from __future__ import annotations
@@ -15,13 +28,70 @@ from ray.train.torch import TorchConfig
 
 WRITTEN_FOR = "2.60"
 
+# 4. Ray Data calls an `ExecutionCallback` after every pass of its scheduling loop; Ray 2.60
+# exposes the hook only as `DataContext.custom_execution_callback_classes`, whose base class lives
+# under `_internal`. Watch: ray-project/ray `python/ray/data/_internal/execution/
+# execution_callback.py` (and an upstream fix of the busy loop itself, which would make the
+# backoff unnecessary).
+try:
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+except ImportError:  # reported, in one line, by check_ray_version
+    ExecutionCallback = object
+
+# 3. Ray Train 2.60 patches `print` in its workers to go through a logger and also tees it when
+# stdout is redirected: our epoch lines came out twice and pycocotools' output escaped
+# `redirect_stdout`. The switch is an environment variable defined under `_internal` (no
+# `RunConfig` field). Watch: ray-project/ray `python/ray/train/v2/_internal/constants.py`.
+TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+# 2. Ray Train's controller waits this long for a worker group's placement before it counts a
+# failure and tries again; defined in `ray/train/v2/_internal/constants.py`
+# (`WORKER_GROUP_START_TIMEOUT_S_ENV_VAR`, default 60) and read in the controller's process: set
+# it for the whole cluster (e.g. on `ray start`) to change it; the driver reads the same variable
+# to turn a time budget into a number of tries.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
+
+# 6. Ray Data 2.60 fuses a task `map_batches` into the actor `map_batches` that follows it when
+# their resources and runtime environments match, which would decode images on the inference
+# actor (serially, on the accelerator's host process). The actor stage sets its torch threads
+# through `OMP_NUM_THREADS` in its runtime env, which also keeps the stages apart; Ray Data's docs
+# do not promise this rule. `tests/test_segment.py::test_decoding_runs_on_tasks_not_on_the_
+# inference_actor` fails if an upgrade changes it. Watch: ray-project/ray `python/ray/data/
+# _internal/logical/rules/operator_fusion.py`.
+
+
+def unfused_actor_runtime_env(threads: int) -> dict:
+    """The inference actors' runtime env: their thread count, which also keeps decode unfused."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+
+
+# 5. While actors hold a node's CPUs, Ray 2.60 kills an idle task worker a moment after it goes
+# idle, so each short decode task started a new Python process (~3 s of CPU importing torch).
+# `num_workers_soft_limit` is a Ray system config (C++ `ray_config_def.h`), reached through the
+# private `_system_config` of `ray.init`, or `RAY_num_workers_soft_limit` on `ray start`
+# (cluster.yaml). A renamed key makes `ray.init` fail at once (Ray rejects unknown keys), so it
+# needs no check here. Watch: ray-project/ray `src/ray/common/ray_config_def.h`.
+def local_system_config(workers_soft_limit: int) -> dict:
+    """`_system_config` of a local `ray.init` that keeps up to `workers_soft_limit` idle workers."""
+    return {"num_workers_soft_limit": workers_soft_limit}
+
 
 class RayCompatError(RuntimeError):
     """This Ray lacks a name the project relies on; the message is one line."""
 
 
+def nothing_in_flight(executor) -> bool:
+    """Whether a Ray Data streaming executor has started and none of its operators has a task running.
+
+    `_topology` (4.) is the executor's {operator: state}, None before it starts.
+    """
+    topology = getattr(executor, "_topology", None)
+    return bool(topology) and not any(op.num_active_tasks() for op in topology)
+
+
 def _torch_backend_class() -> type:
-    """Ray Train's torch backend class (`ray.train.torch.config._TorchBackend`, private).
+    """Ray Train's torch backend class (1.: `ray.train.torch.config._TorchBackend`, private).
 
     Why: the only hook that runs in every training worker *before* Ray Train creates the
     process group is the backend's `on_start`; with NCCL on a node whose torch sees no GPU the
@@ -34,10 +104,7 @@ def _torch_backend_class() -> type:
 
     backend = getattr(torch_config_module, "_TorchBackend", None)
     if backend is None:
-        raise RayCompatError(
-            f"Ray {ray.__version__} has no ray.train.torch.config._TorchBackend (this project was "
-            f"written for Ray {WRITTEN_FOR}): pin ray=={WRITTEN_FOR}.0 or update pipeline/ray_compat.py"
-        )
+        _missing("ray.train.torch.config._TorchBackend")
     return backend
 
 
@@ -60,52 +127,50 @@ def cuda_checked_torch_config() -> TorchConfig:
     return CudaCheckedTorchConfig()
 
 
-# Ray Train's controller waits this long for a worker group's placement before it counts a
-# failure and tries again. The variable is defined in `ray/train/v2/_internal/constants.py`
-# (`WORKER_GROUP_START_TIMEOUT_S_ENV_VAR`, default 60) and read in the controller's process: set
-# it for the whole cluster (e.g. on `ray start`) to change it; the driver reads the same variable
-# to turn a time budget into a number of tries. Watch: ray-project/ray `train/v2/_internal/constants.py`.
-WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
-
-
 def worker_group_start_retries(timeout_s: float) -> int:
     """`FailureConfig.controller_failure_limit` for giving up on placement after about `timeout_s`.
 
     Ray Train 2.60 counts each timed-out placement of the worker group (and each failed start)
     as a controller failure, retried without limit by default (-1): a run that asks for GPUs no
     node has, and no autoscaler can add, would wait forever. `controller_failure_limit` is a
-    documented DeveloperAPI field; the per-try timeout behind it is the private variable above.
+    documented DeveloperAPI field; the per-try timeout behind it is the private variable (2.).
     """
     per_try = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
     return max(0, math.ceil(timeout_s / per_try) - 1)
 
 
 def is_worker_group_start_timeout(error: BaseException) -> bool:
-    """True for Ray Train's `WorkerGroupStartupTimeoutError` (defined in `ray.train.v2._internal`).
+    """True for Ray Train's `WorkerGroupStartupTimeoutError` (2., defined under `_internal`).
 
     Compared by name: the class is private, and an upgrade that moves it must not break the import
-    of this module. Watch: ray-project/ray `train/v2/_internal/exceptions.py`.
+    of this module. Watch: ray-project/ray `python/ray/train/v2/_internal/exceptions.py`.
     """
     return type(error).__name__ == "WorkerGroupStartupTimeoutError"
 
 
 def check_ray_version() -> None:
-    """Raise `RayCompatError` (one line) when a private name used above is missing."""
+    """Raise `RayCompatError` (one line) when a private name listed above is missing or renamed."""
     _torch_backend_class()
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
     from ray.train.v2._internal import constants, exceptions
 
-    for module, name in (
-        (constants, "WORKER_GROUP_START_TIMEOUT_S_ENV_VAR"),
-        (exceptions, "WorkerGroupStartupTimeoutError"),
+    if ExecutionCallback is object:
+        _missing("ray.data._internal.execution.execution_callback.ExecutionCallback")
+    # An attribute the constructor assigns is among the names its code stores.
+    if "_topology" not in StreamingExecutor.__init__.__code__.co_names:
+        _missing("StreamingExecutor._topology")
+    if not hasattr(exceptions, "WorkerGroupStartupTimeoutError"):
+        _missing("ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError")
+    for name, value in (
+        ("WORKER_GROUP_START_TIMEOUT_S_ENV_VAR", WORKER_GROUP_START_TIMEOUT_ENV),
+        ("ENABLE_PRINT_PATCH_ENV_VAR", TRAIN_PRINT_PATCH_ENV),
     ):
-        if not hasattr(module, name):
-            raise RayCompatError(
-                f"Ray {ray.__version__} has no {module.__name__}.{name} (this project was written "
-                f"for Ray {WRITTEN_FOR}): pin ray=={WRITTEN_FOR}.0 or update pipeline/ray_compat.py"
-            )
-    if constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR != WORKER_GROUP_START_TIMEOUT_ENV:
-        raise RayCompatError(
-            f"Ray {ray.__version__} reads the worker group start timeout from another variable than "
-            f"{WORKER_GROUP_START_TIMEOUT_ENV}: update pipeline/ray_compat.py"
-        )
+        if getattr(constants, name, None) != value:
+            _missing(f"ray.train.v2._internal.constants.{name} == {value!r}")
+
+
+def _missing(name: str) -> None:
+    raise RayCompatError(
+        f"Ray {ray.__version__} has no {name} (this project was written for Ray {WRITTEN_FOR}): "
+        f"pin ray=={WRITTEN_FOR}.0 or update pipeline/ray_compat.py"
+    )

@@ -94,6 +94,8 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
     """
     import ray
 
+    from pipeline.ray_compat import local_system_config
+
     joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
         yield RaySession(joined_cluster)
@@ -108,7 +110,7 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
             num_gpus=num_gpus,
             dashboard_host=LOCALHOST,
             runtime_env=runtime_env,
-            _system_config={"num_workers_soft_limit": LOCAL_WORKERS_SOFT_LIMIT},
+            _system_config=local_system_config(LOCAL_WORKERS_SOFT_LIMIT),
         )
     try:
         yield RaySession(joined_cluster)

@@ -24,7 +24,8 @@ appears twice. Exactly-once and resume are described in `pipeline.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
 would decode on the inference actor; the actors' runtime environment (their `OMP_NUM_THREADS`)
-differs from the decode tasks', which keeps decoding on CPU tasks.
+differs from the decode tasks', which keeps decoding on CPU tasks (an undocumented rule, listed
+in `pipeline.ray_compat`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pipeline.gpu import GpuUnavailableError, gpus_to_request
 from pipeline.inference import Segmenter
 from pipeline.listing import InputSpec, PathDatasource
 from pipeline.postprocess import finish_batch
+from pipeline.ray_compat import unfused_actor_runtime_env
 from pipeline.ray_errors import one_line
 from pipeline.shared_storage import SharedStorageError, StorageMarker
 
@@ -184,7 +186,7 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=config.cpus_per_actor,
         num_gpus=gpus or None,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        runtime_env=unfused_actor_runtime_env(threads),
     )
     return dataset.map_batches(
         finish_batch,

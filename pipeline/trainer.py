@@ -41,6 +41,7 @@ from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
 from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
 from pipeline.metrics import METRICS_FILE, read_history
 from pipeline.ray_compat import (
+    TRAIN_PRINT_PATCH_ENV,
     cuda_checked_torch_config,
     is_worker_group_start_timeout,
     worker_group_start_retries,
@@ -68,7 +69,7 @@ MODEL_NAME = "model"
 # Ray Train routes `print` in its workers to a logger and also tees it when stdout is redirected,
 # which prints our epoch lines twice and lets pycocotools' output through `evaluate_coco`'s
 # `redirect_stdout`. Plain prints reach the driver through Ray's log forwarding anyway.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+WORKER_ENV = {TRAIN_PRINT_PATCH_ENV: "0"}
 
 
 class TrainingError(Exception):

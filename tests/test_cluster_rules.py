@@ -125,3 +125,38 @@ def test_gpu_workers_are_not_sized_by_the_head_when_no_gpu_node_is_up(ray_local)
     nodes an autoscaler will launch) get 1 CPU each rather than a slice of this node."""
     assert default_worker_cpus(2, use_gpu=False) == pytest.approx(0.75)
     assert default_worker_cpus(2, use_gpu=True) == 1.0
+
+
+@pytest.mark.parametrize("job", ["segment", "train"])
+def test_a_ray_without_a_private_name_the_project_needs_stops_each_job_in_one_line(
+    job, monkeypatch, capsys, tmp_path, model_dir
+):
+    """As after a Ray upgrade that renamed one of the names `pipeline.ray_compat` relies on."""
+    from ray.train.v2._internal import constants
+
+    from jobs import segment as segment_job
+    from jobs import train as train_job
+
+    monkeypatch.delattr(constants, "ENABLE_PRINT_PATCH_ENV_VAR")
+    (tmp_path / "images").mkdir()
+    if job == "segment":
+        argv = ["--input", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--model", model_dir]
+        assert segment_job.main(argv) == 2
+    else:
+        argv = [
+            "--train-annotations", str(tmp_path / "a.json"), "--train-images", str(tmp_path / "images"),
+            "--output", str(tmp_path / "out"),
+        ]  # fmt: skip
+        assert train_job.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    missing = "ray.train.v2._internal.constants.ENABLE_PRINT_PATCH_ENV_VAR"
+    assert lines[0].startswith(f"{job}: error: Ray {ray_version()} has no {missing}")
+    assert "pipeline/ray_compat.py" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__

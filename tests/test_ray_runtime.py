@@ -78,7 +78,7 @@ from ray.data import ExecutionResources
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from mrcnn.coco import read_coco
 from mrcnn.shapes import generate_shapes
-from pipeline.idle_backoff import nothing_in_flight
+from pipeline.ray_compat import nothing_in_flight
 from pipeline.ray_runtime import ray_session
 from pipeline.train_data import training_dataset
 
