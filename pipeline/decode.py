@@ -11,10 +11,9 @@ Images larger than the model's input are resized here, on the decode task, with 
 bilinear filter of the model's own transform (torchvision's `GeneralizedRCNNTransform`: shorter
 side to `min_size`, longer side at most `max_size`, output size `floor(side * scale)`), in uint8.
 A 12-megapixel photo then travels to the inference actor as 3 MB instead of 36 MB, and the model's
-transform finds an image already at its size (its own resize is then a scale of about 1).
-Measured here on a 1600x1200 JPEG for an 800 px model: 2.6 MB shipped instead of 5.8 MB, about
-12 ms more per image on the decode task, and the actor's float resize down from 83 to 37 ms (one
-thread). Smaller images travel as they are and the model upsamples them.
+transform finds an image already at its size (its own resize is then a scale of about 1): the
+resize moves from the actor, which holds the accelerator, to a CPU task (figures in BENCHMARKS.md,
+"Decode-time shrink"). Smaller images travel as they are and the model upsamples them.
 """
 
 from __future__ import annotations

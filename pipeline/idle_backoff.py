@@ -4,9 +4,9 @@ Ray Data 2.60's scheduling loop blocks in `ray.wait(..., timeout=0.1)` only whil
 in flight. When none is (the next task waits for CPUs, or backpressure holds it back), each pass
 of the loop returns at once and the next begins: a busy loop. Training is that case for most of
 an epoch: Ray Train's workers hold the CPUs, and decoding a batch takes milliseconds where a DDP
-step takes most of a second. Measured on the 2-core machine with 2 training workers
-(BENCHMARKS.md), the `SplitCoordinator` actor that runs the executor for `streaming_split` took
-60 % of a core, and training ran at 9.8 instead of 12.7 images/s.
+step takes most of a second, so the `SplitCoordinator` actor that runs the executor for
+`streaming_split` spins on a core the training needs (figures in BENCHMARKS.md, "Training
+throughput on 2 cores").
 
 `IdleBackoff` is an execution callback (`DataContext.custom_execution_callback_classes`, called
 after every pass of the loop; its base class and the executor's state are private Ray names, kept

@@ -22,10 +22,10 @@ Three cases, in this order:
 
 A local Ray keeps idle task workers alive (`num_workers_soft_limit`). With Ray's default, while
 actors hold a node's CPUs (Ray Train's workers do, for the whole run) a task worker is killed a
-moment after it goes idle, so every short decode task started a fresh Python process (importing
-Ray, NumPy, PyTorch: ~3 s of CPU). Measured on 2 cores: 18 new processes in 2.5 minutes of
-training, and 9.8 instead of 12.7 training images/s (BENCHMARKS.md). A cluster started with
-`ray start` sets this on its own command line (cluster.yaml).
+moment after it goes idle, so every short decode task started a fresh Python process that
+imports Ray, NumPy and PyTorch again, on the CPUs training needs (figures in BENCHMARKS.md,
+"Training throughput on 2 cores"). A cluster started with `ray start` sets this on its own command
+line (cluster.yaml).
 
 Ray started here is shut down when the `ray_session` block ends.
 """
