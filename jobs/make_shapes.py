@@ -12,35 +12,18 @@ import argparse
 import sys
 import time
 
+from jobs.cli import OneLineParser, bounded
 from mrcnn.shapes import MIN_SIZE, generate_shapes
 from mrcnn.storage import StorageError
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m jobs.make_shapes", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jobs.make_shapes", description=__doc__.splitlines()[0])
     parser.add_argument("out", metavar="OUT", help="output folder: a local path or s3://bucket/prefix")
-    parser.add_argument("--num-images", type=_at_least(1), required=True, help="number of images")
+    parser.add_argument("--num-images", type=bounded(int, 1), required=True, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--size", type=_at_least(MIN_SIZE), default=128, help="image side in pixels (default 128)"
+        "--size", type=bounded(int, MIN_SIZE), default=128, help="image side in pixels (default 128)"
     )
     return parser
 

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from mrcnn.errors import one_line
+
 SUPPORTED_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 """File name extensions (lower case, no dot) that listings treat as images."""
 
@@ -71,7 +73,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ImageDecodeError(f"too large: {_one_line(error)}") from error
+            raise ImageDecodeError(f"too large: {one_line(error)}") from error
         except Image.UnidentifiedImageError as error:
             supported = ", ".join(_FORMATS)
             raise ImageDecodeError(f"not a supported image ({supported})") from error
@@ -79,7 +81,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         # ValueError, struct.error, EOFError, ...); each is a bad file, never a crash.
         except Exception as error:
             raise ImageDecodeError(
-                f"corrupt or truncated image: {type(error).__name__}: {_one_line(error)}"
+                f"corrupt or truncated image: {type(error).__name__}: {one_line(error)}"
             ) from error
 
 
@@ -95,7 +97,3 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return np.array(image.convert("RGB"), dtype=np.uint8)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -42,6 +42,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from mrcnn.errors import one_line
+
 S3_MAX_ATTEMPTS_ENV = "MRCNN_S3_MAX_ATTEMPTS"
 DEFAULT_S3_MAX_ATTEMPTS = 10
 S3_TRACE_ENV = "MRCNN_S3_TRACE"
@@ -255,7 +257,7 @@ def read_bytes(uri: str) -> bytes:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()
     except (FileNotFoundError, OSError) as error:
-        raise StorageError(f"{uri}: cannot read ({_one_line(error)})") from error
+        raise StorageError(f"{uri}: cannot read ({one_line(error)})") from error
 
 
 def read_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
@@ -266,7 +268,7 @@ def read_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
             while chunk := stream.read(chunk_bytes):
                 yield chunk
     except (FileNotFoundError, OSError) as error:
-        raise StorageError(f"{uri}: cannot read ({_one_line(error)})") from error
+        raise StorageError(f"{uri}: cannot read ({one_line(error)})") from error
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -288,11 +290,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             with filesystem.open_output_stream(path) as stream:
                 stream.write(data)
     except OSError as error:
-        raise StorageError(f"{uri}: cannot write ({_one_line(error)})") from error
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+        raise StorageError(f"{uri}: cannot write ({one_line(error)})") from error
 
 
 def iter_files(uri: str) -> Iterator[str]:
@@ -338,7 +336,7 @@ def _iter_s3_files(uri: str) -> Iterator[str]:
                 if not item["Key"].endswith("/"):
                     yield f"s3://{bucket}/{item['Key']}"
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise StorageError(f"{uri}: cannot list ({_one_line(error)})") from error
+        raise StorageError(f"{uri}: cannot list ({one_line(error)})") from error
 
 
 def delete(uri: str) -> None:
@@ -349,4 +347,4 @@ def delete(uri: str) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise StorageError(f"{uri}: cannot delete ({_one_line(error)})") from error
+        raise StorageError(f"{uri}: cannot delete ({one_line(error)})") from error
