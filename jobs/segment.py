@@ -22,7 +22,7 @@ from dataclasses import replace
 from jobs.cli import OneLineParser, bounded
 from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
-from pipeline.listing import InputError, check_input
+from pipeline.inputs import InputError, check_input
 from pipeline.provenance import ProvenanceMismatch, claim_output, job_record
 from pipeline.ray_compat import RayCompatError, check_ray_version
 from pipeline.segment import DEFAULT_RESOURCE_TIMEOUT_S

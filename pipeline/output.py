@@ -1,4 +1,4 @@
-"""The segmentation output: its Parquet schema, exactly-once commits, the done set and the summary.
+"""The segmentation output folder: its Parquet schema, its atomic part commits and its success marker.
 
 Exactly-once from at-least-once: Ray retries tasks and restarts actors, so a batch can be
 processed twice, and a killed job is run again. Every batch of rows is committed as one Parquet
@@ -6,20 +6,10 @@ file named after its content, `part-<sha1 of the batch's sorted input paths>.par
 one piece with `mrcnn.storage.write_bytes` (local: a hidden temporary file renamed into place; S3:
 pyarrow's multipart upload, whose object appears only when the upload completes). A retried batch
 rewrites the same name with the same rows, so nothing is duplicated, and a reader never sees a
-partial file (pyarrow, DuckDB and pandas skip `.`/`_` names). A re-run reads only the `path` column
-of the committed files, keeps their 64-bit hashes (`committed_path_hashes`, 8 bytes per row) and
-the lister drops those inputs, so each input gets a row once over any sequence of kills and
-re-runs. Two distinct paths share a 64-bit hash with probability about n^2 / 2^65 (1e-7 for a
-million inputs, 3e-4 for a hundred million); such an input would be skipped.
-
-One race is left: when a driver dies, its Ray workers outlive it for a moment (they notice that
-their raylet or job is gone), and a task in the middle of a commit can still write its file after
-a re-run has read the done set, so a path can land in two files. At the end of every run
-`summarize` counts the rows and looks for paths that appear twice; `remove_duplicates` then
-rewrites the files holding the extra copies without them (new content-named file first, old file
-deleted after, so a kill in between leaves duplicates for the next run to repair, never a lost
-row). `_SUCCESS.json` is written (atomically, like every file here) only for an output in which
-every path has one row, and is deleted when a new run starts.
+partial file (pyarrow, DuckDB and pandas skip `.`/`_` names). A re-run skips the inputs already
+committed (`pipeline.done_set`), and every run ends with a check of the whole output
+(`pipeline.output_check`). `_SUCCESS.json` is written (atomically, like every file here) only for
+an output in which every path has one row, and is deleted when a new run starts.
 """
 
 from __future__ import annotations
@@ -28,11 +18,8 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -82,17 +69,6 @@ def commit_part(table: pa.Table, output_uri: str) -> str:
     return uri
 
 
-def path_hashes(paths: Iterable[str]) -> np.ndarray:
-    """`uint64[N]`: a 64-bit BLAKE2b hash of each path, stable across processes and runs."""
-    return np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
-            for path in paths
-        ),
-        dtype=np.uint64,
-    )
-
-
 def part_files(output_uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The committed part files directly under `output_uri` (none when it does not exist yet)."""
     filesystem, path = storage.resolve(output_uri)
@@ -107,9 +83,10 @@ def part_files(output_uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return filesystem, names
 
 
-def _scan(
+def scan_parts(
     output_uri: str, columns: list[str], listed: tuple[pafs.FileSystem, list[str]] | None = None
 ) -> Iterable[pa.RecordBatch]:
+    """Record batches of `columns` from every committed part (`listed`: a `part_files` result)."""
     filesystem, files = listed or part_files(output_uri)
     if not files:
         return
@@ -117,16 +94,9 @@ def _scan(
     yield from dataset.to_batches(columns=columns, batch_size=SCAN_BATCH_ROWS)
 
 
-def committed_path_hashes(output_uri: str) -> np.ndarray:
-    """Sorted unique `uint64[D]` hashes of the paths already committed under `output_uri`."""
-    chunks = [path_hashes(batch.column(0).to_pylist()) for batch in _scan(output_uri, ["path"])]
-    if not chunks:
-        return np.zeros(0, np.uint64)
-    return np.unique(np.concatenate(chunks))
-
-
-def prepare(output_uri: str) -> None:
-    """Get `output_uri` ready for a run: no stale `_SUCCESS.json`, no temporaries of killed writers."""
+def clear_stale_state(output_uri: str) -> None:
+    """Delete what a run must not find: a stale `_SUCCESS.json` and the temporaries of killed
+    writers; create a local output folder."""
     storage.delete(storage.join(output_uri, SUCCESS_FILE))
     filesystem, path = storage.resolve(output_uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
@@ -137,69 +107,8 @@ def prepare(output_uri: str) -> None:
                 filesystem.delete_file(info.path)
 
 
-@dataclass(frozen=True)
-class OutputSummary:
-    """What the output holds: rows (`images`), error rows, instances, files; paths seen twice."""
-
-    images: int
-    errors: int
-    instances: int
-    files: int
-    duplicate_paths: tuple[str, ...]
-
-
-def summarize(output_uri: str) -> OutputSummary:
-    """Count the committed rows and check that no path appears twice (one scan of three columns)."""
-    listed = part_files(output_uri)
-    images = errors = instances = 0
-    chunks = []
-    for batch in _scan(output_uri, ["path", "error", "scores"], listed):
-        images += batch.num_rows
-        errors += batch.num_rows - batch.column(1).null_count
-        instances += int(pc.sum(pc.list_value_length(batch.column(2))).as_py() or 0)
-        chunks.append(path_hashes(batch.column(0).to_pylist()))
-    hashes = np.concatenate(chunks) if chunks else np.zeros(0, np.uint64)
-    values, counts = np.unique(hashes, return_counts=True)
-    suspects = values[counts > 1]
-    duplicates: tuple[str, ...] = ()
-    if suspects.size:
-        # Equal hashes of different paths are collisions, not duplicates: compare the paths.
-        seen: dict[str, int] = {}
-        for batch in _scan(output_uri, ["path"], listed):
-            paths = batch.column(0).to_pylist()
-            for path in np.asarray(paths, dtype=object)[np.isin(path_hashes(paths), suspects)]:
-                seen[path] = seen.get(path, 0) + 1
-        duplicates = tuple(sorted(path for path, count in seen.items() if count > 1))
-    return OutputSummary(images, errors, instances, len(listed[1]), duplicates)
-
-
-def remove_duplicates(output_uri: str, duplicate_paths: Iterable[str]) -> int:
-    """Keep one row per path of `duplicate_paths` (the one in the first file by name); returns
-    the number of rows removed. Only files holding one of those paths are read and rewritten."""
-    duplicates = set(duplicate_paths)
-    filesystem, files = part_files(output_uri)
-    kept: set[str] = set()
-    removed = 0
-    for file in files:
-        paths = pq.read_table(file, columns=["path"], filesystem=filesystem).column(0).to_pylist()
-        drop = []
-        for path in paths:
-            drop.append(path in kept)
-            if path in duplicates:
-                kept.add(path)
-        if not any(drop):
-            continue
-        table = pq.read_table(file, filesystem=filesystem, schema=SCHEMA).filter(pc.invert(pa.array(drop)))
-        rewritten = commit_part(table, output_uri) if table.num_rows else None
-        if rewritten is None or storage.resolve(rewritten)[1] != file:
-            filesystem.delete_file(file)
-        removed += sum(drop)
-    return removed
-
-
 def write_success(output_uri: str, report: dict) -> str:
     """Write `report` as `OUTPUT/_SUCCESS.json`, atomically; returns its URI."""
     uri = storage.join(output_uri, SUCCESS_FILE)
     storage.write_bytes(uri, (json.dumps(report, indent=2) + "\n").encode())
     return uri
-

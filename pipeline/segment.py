@@ -19,7 +19,7 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
    readers better than one tiny file per batch, and a kill loses at most that much work per task.
 
 The driver only iterates over those count rows (Ray Data's progress bar shows the stages) and
-then checks the output (`pipeline.output.summarize`): rows, errors, instances, and that no path
+then checks the output (`pipeline.output_check.summarize`): rows, errors, instances, and that no path
 appears twice. Exactly-once and resume are described in `pipeline.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
@@ -39,9 +39,12 @@ import ray
 from mrcnn.model_folder import load_spec
 from pipeline import output
 from pipeline.decode import decode_batch
+from pipeline.done_set import committed_path_hashes
 from pipeline.gpu import GpuUnavailableError, gpus_to_request
 from pipeline.inference import Segmenter
-from pipeline.listing import InputSpec, PathDatasource
+from pipeline.inputs import InputSpec
+from pipeline.listing import PathDatasource
+from pipeline.output_check import OutputSummary, remove_duplicates, summarize
 from pipeline.postprocess import finish_batch
 from pipeline.ray_compat import unfused_actor_runtime_env
 from pipeline.ray_errors import one_line
@@ -95,7 +98,7 @@ class SegmentReport:
     new_errors: int
     new_instances: int
     seconds: float
-    output: output.OutputSummary
+    output: OutputSummary
     repaired_duplicates: int = 0
     job: dict | None = None
 
@@ -205,12 +208,12 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     """Segment every input of `config` not yet in the output, then check and summarise the output.
 
     Ray must be initialised (see `pipeline.ray_runtime`). Rows that a killed run's stray writer
-    added twice are removed (`pipeline.output.remove_duplicates`); `_SUCCESS.json` is written only
+    added twice are removed (`pipeline.output_check.remove_duplicates`); `_SUCCESS.json` is written only
     when every path has one row.
     """
     start = time.perf_counter()
-    output.prepare(config.output_uri)
-    done_hashes = output.committed_path_hashes(config.output_uri)
+    output.clear_stale_state(config.output_uri)
+    done_hashes = committed_path_hashes(config.output_uri)
     done = ray.put(done_hashes) if done_hashes.size else None
     counts = {"images": 0, "errors": 0, "instances": 0}
     try:
@@ -234,11 +237,11 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
             f"the job stopped: {cause}; the files already in the output are complete, "
             f"re-run the same command to go on"
         ) from error
-    summary = output.summarize(config.output_uri)
+    summary = summarize(config.output_uri)
     repaired = 0
     if summary.duplicate_paths:
-        repaired = output.remove_duplicates(config.output_uri, summary.duplicate_paths)
-        summary = output.summarize(config.output_uri)
+        repaired = remove_duplicates(config.output_uri, summary.duplicate_paths)
+        summary = summarize(config.output_uri)
     report = SegmentReport(
         new_images=counts["images"],
         new_errors=counts["errors"],
