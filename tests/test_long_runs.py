@@ -7,12 +7,17 @@ does, with the tiny preset on eight 64 px shapes images.
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import make_dataset, run_job
 
+from jobs import train as train_job
 from mrcnn.coco import read_coco
 from mrcnn.evaluation import evaluate_coco
 from mrcnn.model_folder import load_model
@@ -114,3 +119,14 @@ def test_a_worker_killed_after_a_step_checkpoint_resumes_mid_epoch_and_runs_the_
     detections = detect(model, batches, dataset.categories, torch.device("cpu"), "off")
     single = evaluate_coco(evaluation_ground_truth(dataset), detections)
     assert {t: epochs[-1][t] for t in ("bbox", "segm")} == single
+
+
+def test_readme_training_example_parses_and_says_what_to_watch():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Training") : readme.index("### Bulk segmentation")]
+    command = re.search(r"```bash\n(python -m jobs.train .*?)```", section, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))[3:]
+    args = train_job.build_parser().parse_args(argv)
+    assert args.backbone_weights == "imagenet" and args.amp == "bf16"
+    for watched in ("tensorboard --logdir", "metrics.jsonl", "dashboard"):
+        assert watched in section
