@@ -238,7 +238,8 @@ class _Run:
                 write_history(config.metrics_uri, self.history)
                 self._tensorboard_validation(record)
                 print(f"train: {format_epoch(record, config.epochs)}", flush=True)
-                if config.fail_after_epoch == epoch and self.start_step < self.step:
+                started_before = self.start_step <= (epoch - 1) * config.steps_per_epoch
+                if config.fail_after_epoch == epoch and started_before:
                     # Fault injection for the resume tests: this worker process dies as if killed.
                     print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
                     os._exit(1)
@@ -295,11 +296,12 @@ class _Run:
     def _after_step(self, epoch: int) -> float:
         """Log, validate and checkpoint as the step count says; returns the seconds spent on the
         last two (not training time). At an epoch's last step the epoch's end does those."""
-        config, started = self.config, time.perf_counter()
+        config = self.config
         if config.log_every and self.step % config.log_every == 0:
             self._log_step(epoch)
         if self.epoch_step >= config.steps_per_epoch:
             return 0.0
+        started = time.perf_counter()
         if config.validate and config.validate_every and self.step % config.validate_every == 0:
             stats = self._validate()
             if stats is not None:
