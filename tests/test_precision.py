@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from jobs import train as train_job
 from mrcnn.model import MaskRCNN
 from mrcnn.precision import Float32BoxCoder, autocast
 from mrcnn.presets import get_preset
@@ -66,3 +67,14 @@ def test_box_decoding_under_autocast_is_float32():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="bf16, fp16, off"):
         autocast(CPU, "fp8")
+
+
+def test_amp_flag_takes_a_mode_and_alone_means_bf16():
+    parser = train_job.build_parser()
+    required = ["--train-annotations", "a.json", "--train-images", "i", "--output", "o"]
+    assert parser.parse_args(required).amp == "off"
+    assert parser.parse_args([*required, "--amp"]).amp == "bf16"
+    assert parser.parse_args([*required, "--amp", "--epochs", "2"]).amp == "bf16"
+    assert parser.parse_args([*required, "--amp", "fp16"]).amp == "fp16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--amp", "fp8"])
