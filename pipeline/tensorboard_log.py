@@ -12,6 +12,7 @@ shows each step once.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from torch.utils.tensorboard import SummaryWriter
@@ -49,5 +50,7 @@ class TensorBoardLog:
                 storage.write_bytes(storage.join(self.uri, name), file.read())
 
     def close(self) -> None:
+        """Flush, copy, and remove the local folder."""
         self.flush()
         self._writer.close()
+        shutil.rmtree(self._local, ignore_errors=True)
