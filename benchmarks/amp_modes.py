@@ -1,7 +1,7 @@
 """The quickstart's shapes training with each `--amp` mode: AP, and box error against float32.
 
     .venv/bin/python benchmarks/amp_modes.py [--train-images 400] [--val-images 60] [--epochs 2]
-        [--modes off,bf16,fp16] [--num-workers 2] [--batch-size 4]
+        [--modes off,bf16,fp16] [--error-images 20] [--num-workers 2] [--batch-size 4]
 
 Generates 128 px shapes (train and validation), then trains the quickstart's model (`small`
 preset, AdamW at lr 0.004, 2 workers x 4 images) with `jobs.train` once per `--amp` mode, same
@@ -9,9 +9,10 @@ data, seed and schedule, and reads the last epoch's validation AP (validation ru
 own mode). Then, on the float32-trained model and the validation images, it measures how far the
 boxes of each mode's inference are from float32's: for every float32 detection scoring >= 0.5,
 the distance (max over the 4 coordinates, pixels of the image) to the closest same-label box of
-the other mode. Once at the preset's 128 px input and once at 800 px (torchvision's input size,
-where bf16 spaces representable coordinates 4 px apart), and for comparison with whole-model
-autocast as the project did before `mrcnn.precision` (torchvision's components put back).
+the other mode, over the first `--error-images` validation images. Once at the preset's 128 px
+input and once at 800 px (torchvision's input size, where bf16 spaces representable coordinates
+4 px apart), and for comparison with whole-model autocast as the project did before
+`mrcnn.precision` (torchvision's components put back).
 Prints one table; the headline is bf16's 90th-percentile box error at 800 px.
 """
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-images", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--modes", default="off,bf16,fp16")
+    parser.add_argument("--error-images", type=int, default=20, help="validation images for the box error")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", default=None, help="keep the runs here (default: a temporary folder)")
@@ -103,7 +105,7 @@ def main() -> None:
 
         model, _ = load_model(os.path.join(root, "runs", modes[0], "model"))
         dataset = read_coco(val.annotations_uri, val.images_root)
-        pixels = [decode_image(storage.read_bytes(record.uri)) for record in dataset.images]
+        pixels = [decode_image(storage.read_bytes(r.uri)) for r in dataset.images[: args.error_images]]
         images = [torch.from_numpy(p.astype(np.float32) / 255).permute(2, 0, 1) for p in pixels]
         errors = {}
         old = whole_model_autocast(load_model(os.path.join(root, "runs", modes[0], "model"))[0])

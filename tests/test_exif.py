@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
+from test_train import run_job
 
 from jobs import evaluate as evaluate_job
 from mrcnn import storage
@@ -24,6 +25,7 @@ from mrcnn.coco import read_coco
 from mrcnn.images import decode_image
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored
 from mrcnn.shapes import generate_shapes
+from pipeline.metrics import read_history
 from pipeline.output import SCHEMA
 from pipeline.train_data import TrainingCollate, decode_training_batch
 
@@ -178,3 +180,20 @@ def test_evaluate_maps_rows_of_oriented_images_back_to_the_stored_annotations(ex
     assert evaluate_job.main([*argv, "--exif-orientation", "apply", "--json", as_is_json]) == 0
     as_is = json.loads((tmp_path / "as-is.json").read_text())
     assert as_is["segm"]["AP"] < 0.9
+
+
+@pytest.mark.slow
+def test_a_dataset_of_oriented_images_trains_and_validates_on_every_image(exif_shapes, tmp_path):
+    """jobs.train in the default convention: no image is left out of training or validation."""
+    argv = [
+        "--train-annotations", exif_shapes.annotations_uri, "--train-images", exif_shapes.images_root,
+        "--val-annotations", exif_shapes.annotations_uri, "--val-images", exif_shapes.images_root,
+        "--output", str(tmp_path / "run"), "--preset", "tiny", "--num-workers", "2", "--batch-size", "1",
+        "--epochs", "1", "--num-cpus", "2",
+    ]  # fmt: skip
+    result = run_job(*argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (epoch,) = read_history(str(tmp_path / "run" / "metrics.jsonl"))
+    assert epoch["images"] == 6
+    assert "left out" not in result.stdout + result.stderr
+    assert epoch["segm"]["AP"] >= 0.0 and epoch["bbox"]["AP"] >= 0.0
