@@ -20,13 +20,13 @@ for softmax -> sigmoid mask AP 24.8 -> 30.3, AP50 44.1 -> 51.2, AP75 25.1 -> 31.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
 from jobs import train as train_job
 from mrcnn import storage
 from mrcnn.shapes import generate_shapes
+from pipeline.metrics import read_history
 from pipeline.ray_runtime import ray_session
 
 VARIANTS = (
@@ -77,8 +77,7 @@ def main() -> None:
                 output = os.path.join(root, "runs", name.replace(", ", "-").lower())
                 if train_job.main([*common, *flags, "--output", output]) != 0:
                     raise SystemExit(f"{name}: jobs.train failed")
-                lines = storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()
-                results[name] = json.loads(lines[-1])
+                results[name] = read_history(storage.join(output, "metrics.jsonl"))[-1]
 
     print(
         f"\npreset {args.preset}, {args.train_images} training / {args.val_images} validation shapes "

@@ -28,7 +28,6 @@ plain DDP, which is what Ray Train, Ray Data and the collate add; `ddp_cost` is 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -46,6 +45,7 @@ from mrcnn import build_model, storage
 from mrcnn.coco import build_target, read_coco
 from mrcnn.images import decode_image
 from mrcnn.shapes import generate_shapes
+from pipeline.metrics import read_history
 
 # The model must not learn during the measurement: as it learns, more proposals match objects and
 # the mask head's share of a step grows, so step times would depend on how far each side got
@@ -147,7 +147,7 @@ def ray_train(annotations: str, images: str, output: str, args: argparse.Namespa
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"jobs.train failed:\n{result.stderr[-3000:]}")
-    last = json.loads(storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()[-1])
+    last = read_history(storage.join(output, "metrics.jsonl"))[-1]
     return float(last["images_per_second"])
 
 

@@ -8,6 +8,12 @@ Each row is matched to the COCO image whose `file_name` its path ends with (at a
 without a row counts its objects as missed, and the counts of matched and unmatched images and
 rows are printed first. Then COCOeval's two summaries; `--json OUT` writes
 `{"bbox": {"AP": ..., ...}, "segm": {...}}` with the 12 stats under their names.
+
+Orientation: `jobs.segment`'s rows describe the displayed image (EXIF applied), while annotated
+datasets such as COCO describe the stored pixels. By default (`--exif-orientation stored`, the
+convention of `jobs.train` too) each row's image is read for its EXIF orientation and the boxes
+and masks of a rotated or flipped image are mapped back to the stored pixels before scoring;
+`--exif-orientation apply` scores rows as they are, for annotations made on displayed images.
 """
 
 from __future__ import annotations
@@ -15,14 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+from pycocotools import mask as mask_utils
 
 from jobs.cli import OneLineParser
 from mrcnn import storage
 from mrcnn.coco import CocoError, read_coco
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco, format_summary
+from mrcnn.images import ORIENTATIONS
+from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored, stored_size
 
 COLUMNS = ["path", "width", "height", "category_ids", "scores", "boxes", "masks", "error"]
 
@@ -39,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--images-root", default=None, help="folder of the images: match rows by IMAGES_ROOT/file_name"
     )
     parser.add_argument("--json", default=None, metavar="OUT", help="write the stats as JSON here")
+    parser.add_argument(
+        "--exif-orientation", choices=ORIENTATIONS, default="stored",
+        help="the annotations describe the stored pixels (COCO's convention: rows of EXIF-rotated "
+        "images are mapped back to them) or the displayed images ('apply') (default stored)",
+    )
     return parser
 
 
@@ -63,8 +79,14 @@ def match(path: str, index: dict[str, dict], by_suffix: bool) -> dict | None:
     return None
 
 
-def read_detections(predictions_uri: str, ground_truth: dict, images_root: str | None) -> tuple[list, dict]:
-    """COCO result dicts of the rows that match an annotated image, and the matching counts."""
+def read_detections(
+    predictions_uri: str, ground_truth: dict, images_root: str | None, exif_orientation: str = "stored"
+) -> tuple[list, dict]:
+    """COCO result dicts of the rows that match an annotated image, and the matching counts.
+
+    With `exif_orientation="stored"`, rows of images with an EXIF orientation are mapped back to
+    the stored pixels (see the module docstring).
+    """
     index = image_index(ground_truth, images_root)
     filesystem, path = storage.resolve(predictions_uri)
     try:
@@ -78,7 +100,13 @@ def read_detections(predictions_uri: str, ground_truth: dict, images_root: str |
     matched: set[int] = set()
     counts = {"rows": 0, "error_rows": 0, "unmatched_rows": 0}
     for batch in batches:
-        for row in batch.to_pylist():
+        rows = batch.to_pylist()
+        wanted = [
+            row["error"] is None and match(row["path"], index, by_suffix=images_root is None) is not None
+            for row in rows
+        ]
+        orientations = _orientations(rows, wanted) if exif_orientation == "stored" else [1] * len(rows)
+        for row, orientation in zip(rows, orientations, strict=True):
             counts["rows"] += 1
             image = match(row["path"], index, by_suffix=images_root is None)
             if image is None:
@@ -90,6 +118,8 @@ def read_detections(predictions_uri: str, ground_truth: dict, images_root: str |
             if row["error"] is not None:
                 counts["error_rows"] += 1
                 continue
+            if orientation != 1:
+                row = _to_stored(row, orientation)
             if (row["width"], row["height"]) != (image["width"], image["height"]):
                 raise EvaluationError(
                     f"{row['path']}: the row is {row['width']}x{row['height']} but the annotations "
@@ -107,6 +137,36 @@ def read_detections(predictions_uri: str, ground_truth: dict, images_root: str |
     counts["matched_images"] = len(matched)
     counts["images"] = len(ground_truth["images"])
     return detections, counts
+
+
+def _orientations(rows: list[dict], wanted: list[bool]) -> list[int]:
+    """The EXIF orientation of each wanted row's image (1 for the others), read in a few threads."""
+
+    def orientation(row: dict, want: bool) -> int:
+        if not want:
+            return 1
+        try:
+            return exif_orientation(storage.read_bytes(row["path"]))
+        except storage.StorageError as error:
+            raise EvaluationError(
+                f"{row['path']}: cannot read the image for its EXIF orientation ({error}); "
+                "use --exif-orientation apply if the annotations describe the displayed images"
+            ) from error
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(orientation, rows, wanted))
+
+
+def _to_stored(row: dict, orientation: int) -> dict:
+    """A row on the displayed image as it would be on the stored pixels."""
+    width, height = stored_size(orientation, row["width"], row["height"])
+    boxes = boxes_to_stored(np.asarray(row["boxes"], np.float32), orientation, row["width"], row["height"])
+    masks = []
+    for counts in row["masks"]:
+        mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": counts.encode("ascii")})
+        stored = mask_to_stored(mask, orientation)
+        masks.append(mask_utils.encode(np.asfortranarray(stored))["counts"].decode("ascii"))
+    return {**row, "width": width, "height": height, "boxes": boxes.tolist(), "masks": masks}
 
 
 def read_ground_truth(annotations_uri: str) -> dict:
@@ -127,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ground_truth = read_ground_truth(args.annotations)
-        detections, counts = read_detections(args.predictions, ground_truth, args.images_root)
+        detections, counts = read_detections(
+            args.predictions, ground_truth, args.images_root, args.exif_orientation
+        )
     except (EvaluationError, CocoError, storage.StorageError) as error:
         print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

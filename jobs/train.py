@@ -6,9 +6,11 @@
         --val-images s3://bucket/shapes/val/images \\
         --output s3://bucket/runs/shapes-small --preset small --num-workers 2 --epochs 12
 
-Writes `OUTPUT/checkpoints/` (every epoch), `OUTPUT/metrics.jsonl` (one JSON object per epoch:
-losses, lr, images/s, validation COCO AP) and at the end `OUTPUT/model/` (`weights.pt` and
-`model.json`), which `jobs.segment` and `jobs.evaluate` load. Re-running the same command on the
+Writes `OUTPUT/checkpoints/` (every `--checkpoint-every` steps and every epoch),
+`OUTPUT/metrics.jsonl` (a record every `--log-every` steps and one per epoch: losses, lr,
+images/s, validation COCO AP; see `pipeline.metrics`), TensorBoard event files under
+`OUTPUT/tensorboard/` and at the end `OUTPUT/model/` (`weights.pt` and `model.json`), which
+`jobs.segment` and `jobs.evaluate` load. Re-running the same command on the
 same OUTPUT resumes from the latest checkpoint, or with a larger `--epochs` trains on from it; a
 finished run is not trained again. With `RAY_ADDRESS` set the job runs on that cluster; otherwise
 on a local Ray of `--num-cpus` CPUs.
@@ -20,8 +22,11 @@ import sys
 
 from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
+from mrcnn.backbone import BACKBONE_WEIGHTS, MAX_TRAINABLE_LAYERS
 from mrcnn.coco import CocoError, read_coco
+from mrcnn.images import ORIENTATIONS
 from mrcnn.model import ROI_OPS
+from mrcnn.precision import PRECISIONS
 from mrcnn.presets import PRESETS
 from mrcnn.weights import WeightsError
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
@@ -30,6 +35,7 @@ from pipeline.trainer import (
     DEFAULT_LR,
     TrainingError,
     TrainJob,
+    check_backbone_weights,
     check_init_weights,
     completed_epochs,
     is_complete,
@@ -46,6 +52,12 @@ def build_parser() -> OneLineParser:
     data.add_argument("--val-annotations", metavar="URI", help="validation COCO JSON (default: none)")
     data.add_argument("--val-images", metavar="URI", help="folder of the validation images")
     data.add_argument("--output", required=True, metavar="URI", help="run folder (local or s3://)")
+    data.add_argument(
+        "--exif-orientation", choices=ORIENTATIONS, default=DEFAULTS.exif_orientation,
+        help="images as stored, EXIF orientation ignored, as COCO was annotated and torchvision's "
+        "CocoDetection reads it; or 'apply' for annotations made on the displayed images "
+        f"(default {DEFAULTS.exif_orientation})",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -63,7 +75,20 @@ def build_parser() -> OneLineParser:
     model.add_argument(
         "--init-weights", metavar="URI",
         help="start from these weights (file, s3:// or torchvision:<name>); tensors whose name and "
-        "shape differ, such as other classes' predictors, stay random (default: random init)",
+        "shape differ stay random, except the predictor rows of categories named as a COCO class "
+        "of torchvision:<name> weights (default: random init)",
+    )
+    model.add_argument(
+        "--backbone-weights", choices=BACKBONE_WEIGHTS, default=None,
+        help="start the ResNet from torchvision's ImageNet weights (torch hub cache, downloaded where "
+        "there is network) or from random (default: imagenet for r50-fpn*, none for small and tiny; "
+        "ignored with --init-weights)",
+    )
+    model.add_argument(
+        "--trainable-backbone-layers", type=bounded(int, 0, MAX_TRAINABLE_LAYERS), default=None,
+        metavar="K",
+        help="with pretrained weights, train the top K of the ResNet's 5 stages and keep its "
+        "BatchNorm frozen, as torchvision (default 3; all 5 train without pretrained weights)",
     )
 
     scale = parser.add_argument_group("workers")
@@ -135,13 +160,30 @@ def build_parser() -> OneLineParser:
         f"(default {DEFAULTS.lr_schedule})",
     )
     optim.add_argument(
-        "--amp", action="store_true",
-        help="bfloat16 autocast (GPU, or CPUs with bf16 support); bf16 needs no loss scaling "
-        "(default: float32)",
+        "--amp", nargs="?", const="bf16", choices=PRECISIONS, default=DEFAULTS.amp,
+        help="mixed precision: bf16 (also --amp alone; GPU, or CPUs with bf16 support) or fp16 "
+        "with loss scaling; box coordinates stay float32 either way (default off)",
     )
     optim.add_argument(
         "--seed", type=int, default=DEFAULTS.seed,
         help=f"seed of the model's initialisation and RoI sampling (default {DEFAULTS.seed})",
+    )
+
+    watch = parser.add_argument_group("long runs")
+    watch.add_argument(
+        "--checkpoint-every", type=bounded(int, 0), default=DEFAULTS.checkpoint_every, metavar="N",
+        help="also checkpoint every N optimizer steps, so that a failure mid-epoch loses at most N "
+        f"steps; 0 for epoch ends only (default {DEFAULTS.checkpoint_every})",
+    )
+    watch.add_argument(
+        "--validate-every", type=bounded(int, 0), default=DEFAULTS.validate_every, metavar="N",
+        help="also validate every N steps, sharded over all workers; 0 for epoch ends only "
+        f"(default {DEFAULTS.validate_every})",
+    )
+    watch.add_argument(
+        "--log-every", type=bounded(int, 0), default=DEFAULTS.log_every, metavar="N",
+        help="every N steps: loss, lr and images/s to metrics.jsonl and TensorBoard, and a progress "
+        f"line; 0 for epochs only (default {DEFAULTS.log_every})",
     )
     return parser
 
@@ -178,10 +220,23 @@ def main(argv: list[str] | None = None) -> int:
         roi_op=args.roi_op,
         mask_loss=args.mask_loss,
         init_weights=args.init_weights,
+        backbone_weights=args.backbone_weights,
+        trainable_backbone_layers=args.trainable_backbone_layers,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        log_every=args.log_every,
+        exif_orientation=args.exif_orientation,
         max_failures=args.max_failures,
         seed=args.seed,
         resource_timeout_s=args.resource_timeout,
     )
+    if args.trainable_backbone_layers is not None and job.backbone_start == "none" and not job.init_weights:
+        # torchvision's builders warn the same way and train every stage.
+        print(
+            "train: warning: --trainable-backbone-layers has no effect without pretrained weights; "
+            "all 5 stages train",
+            file=sys.stderr,
+        )
     try:
         check_ray_version()
         train_data, val_data = _read_datasets(job)
@@ -195,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"model in {storage.join(job.output, 'model')}); nothing to do"
             )
             return 0
+        if not resumed:
+            check_backbone_weights(job)
     except (RayCompatError, CocoError, WeightsError, OutputMismatch, storage.StorageError) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,10 @@
-"""Decode untrusted image bytes into the RGB pixels a person would see, or fail with one line.
+"""Decode untrusted image bytes into RGB pixels, or fail with one line.
 
 Used wherever image files enter the pipeline (training decode, bulk segmentation), so every
-stage treats EXIF orientation, unusual modes and hostile files the same way.
+stage treats unusual modes and hostile files the same way. EXIF orientation is a choice of the
+caller: bulk segmentation applies it (its rows describe what a person sees); annotated datasets
+are read as stored by default, as COCO's annotators saw them and as torchvision's
+`CocoDetection` reads them (`ORIENTATIONS`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mrcnn.errors import one_line
+
+ORIENTATIONS: tuple[str, ...] = ("stored", "apply")
+"""EXIF orientation: keep the stored pixel order, or apply the tag (the image as displayed)."""
 
 SUPPORTED_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 """File name extensions (lower case, no dot) that listings treat as images."""
@@ -36,10 +42,11 @@ def is_image_path(path: str) -> bool:
     return extension[1:].lower() in SUPPORTED_EXTENSIONS
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
-    """Decode `data` into `uint8[H, W, 3]` RGB as displayed: EXIF orientation applied.
+def decode_image(data: bytes, max_pixels: int | None = None, orientation: str = "apply") -> np.ndarray:
+    """Decode `data` into `uint8[H, W, 3]` RGB, by default as displayed: EXIF orientation applied.
 
-    H and W are those of the displayed (rotated) image. Conversions:
+    H and W are those of the displayed (rotated) image; with `orientation="stored"`, the pixels
+    and H, W as stored in the file, the EXIF tag ignored. Conversions:
     - grayscale, bilevel, palette, CMYK and YCbCr go through Pillow's own conversion to RGB;
     - 16-bit samples (modes I;16*, and mode I, which Pillow uses for 16-bit files) are scaled
       to 8 bits with `round(v * 255 / 65535)`, keeping the full range instead of clipping at 255;
@@ -56,6 +63,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     bomb warning into an error is process-wide while it is set, so call this from one thread
     per process (as Ray tasks and actors do by default).
     """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown orientation {orientation!r} (choose from {', '.join(ORIENTATIONS)})")
     if not data:
         raise ImageDecodeError("empty file")
     with warnings.catch_warnings():
@@ -68,7 +77,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if orientation == "apply":
+                image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
         except ImageDecodeError:
             raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import (
     FastRCNNConvFCHead,
@@ -28,6 +27,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mrcnn.mask_loss import MASK_LOSSES, MaskLoss
+from mrcnn.precision import Float32AnchorGenerator, Float32BoxCoder, in_float32
 from mrcnn.presets import Preset, get_preset
 from mrcnn.roi_heads import MaskRoIHeads
 from mrcnn.roi_pool import MultiScaleRoIPool
@@ -99,7 +99,7 @@ class MaskRCNN(TorchvisionMaskRCNN):
         norm = nn.BatchNorm2d if v2 else None
         backbone = _resnet_fpn(preset, norm)
         channels = backbone.out_channels
-        anchors = AnchorGenerator(
+        anchors = Float32AnchorGenerator(
             sizes=tuple((size,) for size in preset.anchor_sizes),
             aspect_ratios=((0.5, 1.0, 2.0),) * len(preset.anchor_sizes),
         )
@@ -148,6 +148,12 @@ class MaskRCNN(TorchvisionMaskRCNN):
             batch_size_per_image=preset.box_batch_size_per_image,
             detections_per_img=preset.detections_per_image,
         )
+        # Pixel coordinates stay float32 under autocast (mrcnn.precision); state_dict unchanged.
+        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
+        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
+        self.rpn.head.bbox_pred = in_float32(self.rpn.head.bbox_pred)
+        predictor = self.roi_heads.box_predictor
+        predictor.bbox_pred = in_float32(predictor.bbox_pred)
         self.transform = DetectionTransform(preset.min_size, preset.max_size, IMAGENET_MEAN, IMAGENET_STD)
         self.preset = preset
         self.num_classes = num_classes

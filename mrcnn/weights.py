@@ -13,7 +13,7 @@ import pickle
 
 import torch
 from torch import nn
-from torchvision.models import get_model_weights
+from torchvision.models import WeightsEnum, get_model_weights
 
 from mrcnn import storage
 
@@ -92,28 +92,45 @@ def _torchvision_weights(builder: str):
 
 def torchvision_cache_path(builder: str) -> str:
     """Where the torch hub cache keeps torchvision's COCO weights for `builder` (it may not exist)."""
-    file_name = os.path.basename(_torchvision_weights(builder).url)
-    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+    return hub_cache_path(_torchvision_weights(builder))
 
 
-def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
-    """torchvision's COCO weights from the torch hub cache, downloading them if a network exists."""
-    weights = _torchvision_weights(builder)
-    cached = torchvision_cache_path(builder)
+def hub_cache_path(weights: WeightsEnum) -> str:
+    """Where the torch hub cache keeps the file of torchvision `weights` (it may not exist).
+
+    `$TORCH_HOME/hub/checkpoints/<file name of the weights' URL>`, as `torch.hub` names it.
+    """
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def read_hub_weights(weights: WeightsEnum, name: str, alternative: str) -> dict[str, torch.Tensor]:
+    """The state_dict of torchvision `weights` from the torch hub cache, downloaded if need be.
+
+    Where the file is neither cached nor downloadable (no network), `WeightsError` names the
+    file to fetch and where to put it; `alternative` says what else the user can do.
+    """
+    cached = hub_cache_path(weights)
     if os.path.exists(cached):
         with open(cached, "rb") as file:
             return _load_trusted(io.BytesIO(file.read()), cached)
     try:
-        state = torch.hub.load_state_dict_from_url(
+        return torch.hub.load_state_dict_from_url(
             weights.url, progress=False, check_hash=True, weights_only=True
         )
     except Exception as error:  # urllib raises many types; all mean "not downloadable here".
         raise WeightsError(
-            f"{TORCHVISION_PREFIX}{builder}: weights are not in the torch hub cache and could not be "
-            f"downloaded ({_first_line(error)}); fetch {weights.url} to {cached} "
-            f"(or set TORCH_HOME), or pass a local or s3:// path to the file"
+            f"{name}: weights are not in the torch hub cache and could not be downloaded "
+            f"({_first_line(error)}); fetch {weights.url} to {cached} (or set TORCH_HOME), {alternative}"
         ) from error
-    return state
+
+
+def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
+    """torchvision's COCO weights from the torch hub cache, downloading them if a network exists."""
+    return read_hub_weights(
+        _torchvision_weights(builder),
+        f"{TORCHVISION_PREFIX}{builder}",
+        "or pass a local or s3:// path to the file",
+    )
 
 
 def _key_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

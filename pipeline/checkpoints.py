@@ -4,12 +4,15 @@ Layout of `<output>/`:
 - `run.json`: the settings a resumed run must share with the run it resumes (preset, RoI op, mask
   loss, categories); written before the first epoch.
 - `checkpoints/`: Ray Train's run folder (`RunConfig(storage_path=<output>, name="checkpoints")`),
-  one `epoch-NNNN/` folder per reported epoch holding `training_state.pt`, and Ray's own record
-  of which checkpoint is the latest, from which a new `TorchTrainer` on the same folder resumes.
-- `metrics.jsonl` (see `pipeline.metrics`) and, at the end, `model/` (see `mrcnn.model_folder`).
+  one `epoch-NNNN/` folder per reported epoch and one `step-NNNNNNNNN/` per mid-epoch checkpoint
+  (`--checkpoint-every`), each holding `training_state.pt`, and Ray's own record of which
+  checkpoint is the latest, from which a new `TorchTrainer` on the same folder resumes.
+- `metrics.jsonl` (see `pipeline.metrics`), `tensorboard/` (see `pipeline.tensorboard_log`) and,
+  at the end, `model/` (see `mrcnn.model_folder`).
 
 `training_state.pt` holds only tensors, numbers, strings, lists and dicts (state_dicts of the
-model, optimizer and learning-rate schedule, the epoch, the metrics history), so it loads with
+model, optimizer, learning-rate schedule and gradient scaler, the epochs done, the optimizer
+steps done in the run and in the epoch in progress, the metrics history), so it loads with
 `torch.load(weights_only=True)`: a checkpoint is data, never pickled code.
 """
 

@@ -9,9 +9,10 @@ height * width bytes for a pasted mask.
 
 Threads: Ray sets `OMP_NUM_THREADS` to an actor's `num_cpus` (1 by default), so torch would run
 single-threaded whatever the actor reserved; we set torch's thread count to the CPUs the actor
-reserved, on purpose. On a GPU the forward runs under bf16 autocast. An actor that Ray gave a GPU
-but that sees no CUDA device fails to start, with one line naming its node and the cause
-(`pipeline.gpu.require_cuda`), instead of running on the CPU.
+reserved, on purpose. On a GPU the forward runs under bf16 autocast, with pixel coordinates
+(anchors, box decoding, box regression) in float32 as the model keeps them (`mrcnn.precision`).
+An actor that Ray gave a GPU but that sees no CUDA device fails to start, with one line naming
+its node and the cause (`pipeline.gpu.require_cuda`), instead of running on the CPU.
 
 Error rows (from decode) pass through untouched, with no detections.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from mrcnn.model_folder import load_model
+from mrcnn.precision import autocast
 from pipeline.gpu import require_cuda
 
 
@@ -63,9 +65,8 @@ class Segmenter:
         rows = [row for row in range(count) if not batch["error"][row]]
         if rows:
             images = [self._tensor(batch["image"][row]) for row in rows]
-            with torch.inference_mode(), torch.autocast(
-                device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-            ):
+            precision = "bf16" if self.device.type == "cuda" else "off"
+            with torch.inference_mode(), autocast(self.device, precision):
                 predictions = self.model(images)
             for row, image, prediction in zip(rows, images, predictions, strict=True):
                 order = torch.argsort(prediction["scores"], descending=True, stable=True)

@@ -43,20 +43,20 @@ ROWS_PER_BLOCK = 16
 DECODE_TASK_CPUS = 0.25
 
 
-def records_dataset(dataset: CocoDataset):
-    """A Ray Dataset of the images of `dataset`, one row per image.
+def records_dataset(dataset: CocoDataset, *, part: int = 0, parts: int = 1):
+    """A Ray Dataset of the images of `dataset` (every `parts`-th from the `part`-th), one row each.
 
     Columns: `image_id` int64, `file_name`, `uri` str, `width`, `height` int64, `annotations`
     str (the kept raw COCO annotations of the image as a JSON list).
     """
     import ray
 
-    records = dataset.to_records()
+    records = dataset.to_records()[part::parts]
     num_blocks = max(1, -(-len(records) // ROWS_PER_BLOCK))
     return ray.data.from_items(records, override_num_blocks=num_blocks)
 
 
-def training_dataset(dataset: CocoDataset, *, flip: bool = True):
+def training_dataset(dataset: CocoDataset, *, flip: bool = True, exif_orientation: str = "stored"):
     """Decoded training rows (see `decode_training_batch`), in an order that changes every epoch.
 
     The block order is shuffled on every pass over the data; the workers shuffle rows further
@@ -67,7 +67,11 @@ def training_dataset(dataset: CocoDataset, *, flip: bool = True):
         .randomize_block_order()
         .map_batches(
             decode_training_batch,
-            fn_kwargs={"category_to_label": dataset.category_to_label, "flip": flip},
+            fn_kwargs={
+                "category_to_label": dataset.category_to_label,
+                "flip": flip,
+                "exif_orientation": exif_orientation,
+            },
             batch_size=None,
             num_cpus=DECODE_TASK_CPUS,
         )
@@ -76,22 +80,37 @@ def training_dataset(dataset: CocoDataset, *, flip: bool = True):
     return with_idle_backoff(decoded)
 
 
-def validation_dataset(dataset: CocoDataset):
-    """Decoded validation rows (see `decode_validation_batch`), no augmentation."""
-    decoded = records_dataset(dataset).map_batches(
-        decode_validation_batch, batch_size=None, num_cpus=DECODE_TASK_CPUS
+def validation_dataset(
+    dataset: CocoDataset, *, part: int = 0, parts: int = 1, exif_orientation: str = "stored"
+):
+    """Decoded validation rows (see `decode_validation_batch`), no augmentation.
+
+    With `parts` > 1, the `part`-th of `parts` disjoint sets of images (one per training worker,
+    `pipeline.validation`): splitting the records, before decoding, keeps every image in exactly
+    one part, which Ray Data's equal split of a decoded dataset does not promise.
+    """
+    decoded = records_dataset(dataset, part=part, parts=parts).map_batches(
+        decode_validation_batch,
+        fn_kwargs={"exif_orientation": exif_orientation},
+        batch_size=None,
+        num_cpus=DECODE_TASK_CPUS,
     )
     return with_idle_backoff(decoded)
 
 
 def decode_training_batch(
-    batch: dict[str, np.ndarray], *, category_to_label: dict[int, int], flip: bool
+    batch: dict[str, np.ndarray],
+    *,
+    category_to_label: dict[int, int],
+    flip: bool,
+    exif_orientation: str = "stored",
 ) -> dict[str, Any]:
     """Read, decode and build the training target of each record of `batch`.
 
     Returns, per kept image (rows that cannot be used are dropped, with a warning):
         image_id: int64.
-        image: uint8[H, W, 3] RGB as displayed.
+        image: uint8[H, W, 3] RGB in the orientation the annotations describe: as stored
+            (`exif_orientation="stored"`, COCO's convention) or as displayed ("apply").
         boxes: float32[N, 4] x1, y1, x2, y2 in pixels of the image.
         labels: int64[N], contiguous labels 1..K.
         masks: N COCO compressed RLE `counts` (bytes) at H x W, in the order of `boxes`.
@@ -100,7 +119,7 @@ def decode_training_batch(
     rng = np.random.default_rng()
     out: dict[str, list] = {"image_id": [], "image": [], "boxes": [], "labels": [], "masks": []}
     for row in range(len(batch["uri"])):
-        image = _read_image(batch, row)
+        image = _read_image(batch, row, exif_orientation)
         if image is None:
             continue
         height, width = image.shape[:2]
@@ -120,30 +139,38 @@ def decode_training_batch(
     return out
 
 
-def decode_validation_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Read and decode each record of `batch`: `image_id` int64, `image` uint8[H, W, 3] RGB."""
+def decode_validation_batch(
+    batch: dict[str, np.ndarray], *, exif_orientation: str = "stored"
+) -> dict[str, Any]:
+    """Read and decode each record of `batch`: `image_id` int64, `image` uint8[H, W, 3] RGB
+    (oriented as in `decode_training_batch`)."""
     out: dict[str, list] = {"image_id": [], "image": []}
     for row in range(len(batch["uri"])):
-        image = _read_image(batch, row)
+        image = _read_image(batch, row, exif_orientation)
         if image is not None:
             out["image_id"].append(int(batch["image_id"][row]))
             out["image"].append(image)
     return out
 
 
-def _read_image(batch: dict[str, np.ndarray], row: int) -> np.ndarray | None:
+def _read_image(batch: dict[str, np.ndarray], row: int, exif_orientation: str) -> np.ndarray | None:
     """The decoded image of a record, or None (with a warning) when it cannot be used."""
     uri = batch["uri"][row]
     try:
-        image = decode_image(read_input(uri), max_pixels=MAX_PIXELS)
+        image = decode_image(read_input(uri), max_pixels=MAX_PIXELS, orientation=exif_orientation)
     except (ImageDecodeError, InputMissing) as error:
         logger.warning("%s: left out of training: %s", uri, error)
         return None
     expected = (int(batch["height"][row]), int(batch["width"][row]))
     if image.shape[:2] != expected:
+        # Never trained against masks of the other orientation: a size mismatch is reported.
+        hint = ""
+        if image.shape[:2] == expected[::-1]:
+            other = "apply" if exif_orientation == "stored" else "stored"
+            hint = f" (EXIF orientation turns it: are the annotations for --exif-orientation {other}?)"
         logger.warning(
-            "%s: left out of training: the image is %dx%d but its annotations say %dx%d",
-            uri, image.shape[1], image.shape[0], expected[1], expected[0],
+            "%s: left out of training: the image is %dx%d but its annotations say %dx%d%s",
+            uri, image.shape[1], image.shape[0], expected[1], expected[0], hint,
         )
         return None
     return image

@@ -1,11 +1,23 @@
 """The training function each Ray Train worker runs: DDP Mask R-CNN over its shard of the data.
 
-Every worker builds the same model (same seed), resumes from `ray.train.get_checkpoint()` when
-there is one (after a worker failure, or when the command is re-run on the same output), and
-trains on the batches of its own shard of the training dataset (`get_dataset_shard("train")`).
-After each epoch the loss terms are averaged over all workers; rank 0 evaluates on the
-validation set (if any), saves the training state as a checkpoint, reports it to Ray Train and
-rewrites `metrics.jsonl`.
+Every worker builds the same model (same seed) and starts it from, in this order of precedence,
+`ray.train.get_checkpoint()` (after a worker failure, or when the command is re-run on the same
+output), `--init-weights`, or the ImageNet backbone (`mrcnn.backbone`); it then trains on the
+batches of its own shard of the training dataset (`get_dataset_shard("train")`), under the
+project's autocast policy (`mrcnn.precision`; fp16 with a gradient scaler). Along the way, all
+workers together:
+- every `log_every` steps average the loss terms and throughput since the last log; rank 0
+  appends a step record to `metrics.jsonl`, writes TensorBoard scalars and prints one line;
+- every `validate_every` steps and at each epoch's end validate, each worker on its own part of
+  the validation images, rank 0 scoring them all (`pipeline.validation`);
+- every `checkpoint_every` steps and at each epoch's end report a checkpoint of rank 0's training
+  state to Ray Train.
+
+A run resumed from a checkpoint taken mid-epoch trains that epoch's remaining steps on a new
+pass over the shuffled training set (Ray Data cannot restart a pass at a position): of that one
+epoch, at most as many images as the steps done before the checkpoint held (steps x batch size
+x workers) are seen twice and as many not at all; every other epoch sees each image once. The
+number of optimizer steps, and so the learning-rate schedule, is exactly the plan's.
 """
 
 from __future__ import annotations
@@ -24,14 +36,17 @@ import torch.distributed as dist
 from ray.train import CheckpointConsistencyMode
 
 from mrcnn import build_model, storage
+from mrcnn.backbone import freeze_backbone, load_imagenet_backbone
 from mrcnn.categories import Category
-from mrcnn.evaluation import detections_from_prediction, evaluate_coco
-from mrcnn.rle import masks_to_rle
-from mrcnn.weights import read_state_dict
+from mrcnn.precision import autocast
+from mrcnn.transfer import shared_labels, transferred_state
+from mrcnn.weights import TORCHVISION_PREFIX, read_state_dict, torchvision_categories
 from pipeline.checkpoints import load_state, save_state
-from pipeline.metrics import LOSS_NAMES, format_epoch, write_history
+from pipeline.metrics import LOSS_NAMES, format_ap, format_epoch, format_step, write_history
 from pipeline.shared_storage import StorageMarker
+from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.train_data import TrainingCollate, ValidationCollate
+from pipeline.validation import detect, gather_and_score
 
 # Warm-up starts at this fraction of the learning rate and rises linearly (torchvision's reference).
 WARMUP_START = 0.001
@@ -48,7 +63,11 @@ class LoopConfig:
 
     `lr` is the peak learning rate of the whole (DDP) batch, already scaled; `steps_per_epoch` is
     the number of optimizer steps of one epoch on each worker, for the learning-rate schedule.
-    `categories[i - 1]` is the category of the model's label `i`.
+    `categories[i - 1]` is the category of the model's label `i`. `amp` is "bf16", "fp16" or
+    "off"; `trainable_backbone_layers` is already resolved (`mrcnn.backbone.trainable_layers`).
+    `checkpoint_every`, `validate_every` and `log_every` count optimizer steps, 0 for never
+    (checkpoints and validation still happen at each epoch's end). `val_parts` is the number of
+    validation datasets, `val_0` ... (one per worker, fewer with fewer images).
     """
 
     preset: str
@@ -65,14 +84,31 @@ class LoopConfig:
     warmup_iters: int
     lr_schedule: str
     steps_per_epoch: int
-    amp: bool
+    amp: str
     torch_threads: int
     seed: int
     init_weights: str | None
     metrics_uri: str
     validate: bool
+    backbone_weights: str = "none"
+    trainable_backbone_layers: int = 3
+    checkpoint_every: int = 0
+    validate_every: int = 0
+    log_every: int = 0
+    val_parts: int = 1
+    tensorboard_uri: str | None = None
     fail_after_epoch: int | None = None
+    fail_after_step: int | None = None
     output_marker: StorageMarker | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone starts from trained weights (ImageNet or `init_weights`)."""
+        return self.backbone_weights == "imagenet" or bool(self.init_weights)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
@@ -109,159 +145,272 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # checkpoints and metrics to a disk of its own.
         config.output_marker.verify()
     torch.set_num_threads(config.torch_threads)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.preset, config.num_classes, roi_op=config.roi_op, mask_loss=config.mask_loss)
-    state = _resume_state(rank)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    elif config.init_weights:
-        initialise_from(model, config.init_weights, log=rank == 0)
-    # Before DDP wraps the model: DDP must only see the parameters that will get gradients.
-    set_training_mode(model, config)
-    # The same weights everywhere (DDP also broadcasts rank 0's), a different RoI sampling each.
-    torch.manual_seed(config.seed + 1000 * (rank + 1))
-    ddp_model = ray.train.torch.prepare_model(model)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
-    # bring back the old schedule when a run resumes with more epochs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    start_epoch, history = 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.validate else None
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        metrics = _train_one_epoch(ddp_model, optimizer, scheduler, train_shard, device, config)
-        metrics = {"epoch": epoch, **metrics}
-        if val_shard is not None and rank == 0:
-            started = time.perf_counter()
-            metrics.update(evaluate(model, val_shard, loop_config["val_ground_truth"], device, config))
-            metrics["val_seconds"] = time.perf_counter() - started
-        history.append(metrics)
-        _report(epoch, metrics, history, model, optimizer, scheduler, config, rank)
-        if rank == 0:
-            # Ray Train registers a report when its controller next polls the workers; until
-            # then a worker that dies loses it. Waiting for the registration keeps metrics.jsonl
-            # (and the driver's "already complete" check that reads it) behind the checkpoints.
-            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-            write_history(config.metrics_uri, history)
-            print(f"train: {format_epoch(metrics, config.epochs)}", flush=True)
-            if config.fail_after_epoch == epoch and start_epoch < epoch:
-                # Fault injection for the resume tests: this worker process dies as if killed.
-                print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
-                os._exit(1)
+    _Run(config, loop_config.get("val_ground_truth")).train()
 
 
-def _resume_state(rank: int) -> dict | None:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        state = load_state(directory)
-    if rank == 0:
-        uri = storage.to_uri(checkpoint.filesystem, checkpoint.path)
-        print(f"train: resuming from checkpoint {uri} (epoch {int(state['epoch'])} done)", flush=True)
-    return state
+class _Run:
+    """One worker's share of a run: the model, optimizer and schedule, and where the run stands.
 
-
-def initialise_from(model: torch.nn.Module, uri: str, *, log: bool) -> tuple[int, int]:
-    """Copy into `model` every tensor of the weights at `uri` whose name and shape match.
-
-    Class-specific layers (the box and mask predictors) differ between a COCO checkpoint and a
-    model of other categories; they keep their random initialisation. Returns (copied, total
-    tensors of the model); raises `mrcnn.weights.WeightsError` when nothing matches.
+    `step` counts optimizer steps of the whole run, `epoch_step` those of the epoch in progress;
+    `history` (rank 0) is what `metrics.jsonl` holds. All three travel in every checkpoint.
     """
-    from mrcnn.weights import WeightsError
 
-    source = read_state_dict(uri)
-    own = model.state_dict()
-    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if not matching:
-        raise WeightsError(f"{uri}: no tensor fits the model (names or shapes all differ)")
-    model.load_state_dict(matching, strict=False)
-    if log:
-        print(
-            f"train: initialised {len(matching)} of {len(own)} tensors from {uri} "
-            f"(the rest, e.g. {sorted(set(own) - set(matching))[:3]}, stay random)",
-            flush=True,
+    def __init__(self, config: LoopConfig, ground_truth: dict | None) -> None:
+        self.config = config
+        self.ground_truth = ground_truth
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+
+        torch.manual_seed(config.seed)
+        model = build_model(
+            config.preset, config.num_classes, roi_op=config.roi_op, mask_loss=config.mask_loss
         )
-    return len(matching), len(own)
+        state = _resume_state(self.rank)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        elif config.init_weights:
+            initialise_from(model, config.init_weights, log=self.rank == 0, categories=config.categories)
+        elif config.backbone_weights == "imagenet":
+            # Here, on the worker's node: that is where the model lives (the hub cache or network).
+            load_imagenet_backbone(model, config.preset)
+        # Before DDP wraps the model: DDP must only see the parameters that will get gradients.
+        set_training_mode(model, config)
+        # The same weights everywhere (DDP also broadcasts rank 0's), a different RoI sampling each.
+        torch.manual_seed(config.seed + 1000 * (self.rank + 1))
+        self.model = model
+        self.ddp_model = ray.train.torch.prepare_model(model)
 
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
+        # bring back the old schedule when a run resumes with more epochs.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config)
+        )
+        # fp16 needs loss scaling (torchvision's reference); disabled, the scaler passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.epochs_done, self.step, self.epoch_step, self.history = 0, 0, 0, []
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.epochs_done = int(state["epoch"])
+            self.step = int(state.get("step", self.epochs_done * config.steps_per_epoch))
+            self.epoch_step = int(state.get("epoch_step", 0))
+            self.history = list(state["history"])
+        self.start_step = self.step
 
-def set_training_mode(model: torch.nn.Module, config: LoopConfig) -> None:
-    """`model.train()`, except that a backbone initialised from weights keeps its BatchNorm frozen.
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = None
+        if config.validate and self.rank < config.val_parts:
+            self.val_shard = ray.train.get_dataset_shard(f"val_{self.rank}")
+        self.tensorboard = None
+        if self.rank == 0 and config.tensorboard_uri:
+            resumed_step = self.step if state is not None else None
+            self.tensorboard = TensorBoardLog(config.tensorboard_uri, resumed_step)
+        # Loss terms, steps, images and seconds waited for data since the last step record.
+        self.window = _zero_sums()
+        self.window_started = time.perf_counter()
 
-    Batch statistics of a few images per worker would overwrite the running statistics the
-    weights were trained with, so, as torchvision's reference does for pretrained backbones, the
-    ResNet's BatchNorm layers then normalise with their stored statistics and are not trained.
-    """
-    model.train()
-    if config.init_weights:
-        for module in model.backbone.body.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.eval()
-                module.requires_grad_(False)
+    def train(self) -> None:
+        config = self.config
+        for epoch in range(self.epochs_done + 1, config.epochs + 1):
+            metrics = self._train_epoch(epoch)
+            record = {"kind": "epoch", "epoch": epoch, "step": self.step, **metrics}
+            if config.validate:
+                started = time.perf_counter()
+                stats = self._validate()
+                if stats is not None:
+                    record.update(stats)
+                    record["val_seconds"] = time.perf_counter() - started
+            self.epochs_done, self.epoch_step = epoch, 0
+            if self.rank == 0:
+                self.history.append(record)
+            summary = {"loss": metrics["loss"]}
+            summary.update({f"{t}_AP": record[t]["AP"] for t in ("bbox", "segm") if t in record})
+            self._checkpoint(f"epoch-{epoch:04d}", summary)
+            if self.rank == 0:
+                # Ray Train registers a report when its controller next polls the workers; until
+                # then a worker that dies loses it. Waiting for the registration keeps the epoch
+                # records of metrics.jsonl (and the driver's "already complete" check that reads
+                # them) behind the checkpoints.
+                ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+                write_history(config.metrics_uri, self.history)
+                self._tensorboard_validation(record)
+                print(f"train: {format_epoch(record, config.epochs)}", flush=True)
+                started_before = self.start_step <= (epoch - 1) * config.steps_per_epoch
+                if config.fail_after_epoch == epoch and started_before:
+                    # Fault injection for the resume tests: this worker process dies as if killed.
+                    print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
+                    os._exit(1)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
+    def _train_epoch(self, epoch: int) -> dict:
+        """The epoch's remaining steps on this worker's shard; loss means and throughput over all."""
+        config = self.config
+        set_training_mode(self.model, config)
+        # A resumed epoch trains only its remaining steps (see the module docstring).
+        limit = config.steps_per_epoch - self.epoch_step if self.epoch_step else None
+        sums = _zero_sums()
+        started, paused = time.perf_counter(), 0.0
+        batches = self.train_shard.iter_torch_batches(
+            batch_size=config.batch_size,
+            collate_fn=TrainingCollate(),
+            local_shuffle_buffer_size=config.batch_size * SHUFFLE_BATCHES,
+            prefetch_batches=2,
+        )
+        for taken, (images, targets, waited) in enumerate(_timed(batches), start=1):
+            row = self._train_step(images, targets, waited)
+            sums += row
+            self.window += row
+            paused += self._after_step(epoch)
+            if limit is not None and taken >= limit:
+                break
+        sums, seconds, workers = _reduce(sums, time.perf_counter() - started - paused, self.device)
+        return _means(sums, seconds, workers) | {"lr": self.scheduler.get_last_lr()[0]}
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopConfig) -> dict:
-    """One pass over this worker's shard; loss means and throughput over all workers."""
-    set_training_mode(getattr(model, "module", model), config)
-    # Per worker, summed over workers below: the loss terms, then steps, images, and the seconds
-    # spent waiting for the next batch (the input pipeline's share of the epoch).
-    sums = torch.zeros(len(LOSS_NAMES) + 3, dtype=torch.float64)
-    started = time.perf_counter()
-    batches = shard.iter_torch_batches(
-        batch_size=config.batch_size,
-        collate_fn=TrainingCollate(),
-        local_shuffle_buffer_size=config.batch_size * SHUFFLE_BATCHES,
-        prefetch_batches=2,
-    )
-    for images, targets, waited in _timed(batches):
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with _autocast(device, config.amp):
-            losses = model(images, targets)
+    def _train_step(self, images, targets, waited: float) -> torch.Tensor:
+        """One optimizer step; returns its row of the sums (loss terms, 1 step, images, wait)."""
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with autocast(self.device, self.config.amp):
+            losses = self.ddp_model(images, targets)
         loss = sum(losses[name] for name in LOSS_NAMES)
         values = torch.stack([losses[name].detach().float() for name in LOSS_NAMES]).cpu()
         if not torch.isfinite(values).all():
             raise FloatingPointError(
                 f"loss is not finite ({dict(zip(LOSS_NAMES, values.tolist(), strict=True))}) at "
-                f"lr {scheduler.get_last_lr()[0]:.5f}; try a lower --lr or more --warmup-iters"
+                f"lr {self.scheduler.get_last_lr()[0]:.5f}; try a lower --lr or more --warmup-iters"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        sums[: len(LOSS_NAMES)] += values.double()
-        sums[-3:] += torch.tensor([1.0, len(images), waited], dtype=torch.float64)
-    seconds = time.perf_counter() - started
-    workers = 1
-    if dist.is_available() and dist.is_initialized():
-        workers = dist.get_world_size()
-        reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        totals = sums.to(reduce_device)
-        dist.all_reduce(totals)
-        elapsed = torch.tensor([seconds], dtype=torch.float64, device=reduce_device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        sums, seconds = totals.cpu(), float(elapsed.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.epoch_step += 1
+        extra = torch.tensor([1.0, len(images), waited], dtype=torch.float64)
+        return torch.cat([values.double(), extra])
+
+    def _after_step(self, epoch: int) -> float:
+        """Log, validate and checkpoint as the step count says; returns the seconds spent on the
+        last two (not training time). At an epoch's last step the epoch's end does those."""
+        config = self.config
+        if config.log_every and self.step % config.log_every == 0:
+            self._log_step(epoch)
+        if self.epoch_step >= config.steps_per_epoch:
+            return 0.0
+        started = time.perf_counter()
+        if config.validate and config.validate_every and self.step % config.validate_every == 0:
+            stats = self._validate()
+            if stats is not None:
+                record = {"kind": "validation", "step": self.step, "epoch": epoch, **stats}
+                record["val_seconds"] = time.perf_counter() - started
+                self.history.append(record)
+                write_history(config.metrics_uri, self.history)
+                self._tensorboard_validation(record)
+                print(f"train: step {self.step} validation:{format_ap(record)}", flush=True)
+        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            self._checkpoint(f"step-{self.step:09d}", {})
+            if self.rank == 0 and config.fail_after_step == self.step and self.start_step < self.step:
+                ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+                print(f"train: worker exits on purpose after step {self.step} (fault injection)", flush=True)
+                os._exit(1)
+        paused = time.perf_counter() - started
+        self.window_started += paused
+        return paused
+
+    def _log_step(self, epoch: int) -> None:
+        """A step record from the sums since the last one, over all workers (a collective)."""
+        sums, seconds, workers = _reduce(self.window, time.perf_counter() - self.window_started, self.device)
+        self.window, self.window_started = _zero_sums(), time.perf_counter()
+        if self.rank != 0:
+            return
+        means = _means(sums, seconds, workers)
+        record = {"kind": "step", "step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0]}
+        record.update({k: means[k] for k in ("loss", *LOSS_NAMES, "images_per_second", "data_wait_seconds")})
+        self.history.append(record)
+        write_history(self.config.metrics_uri, self.history)
+        if self.tensorboard is not None:
+            scalars = {f"train/{k}": record[k] for k in ("loss", *LOSS_NAMES, "lr", "images_per_second")}
+            self.tensorboard.scalars(self.step, scalars)
+            self.tensorboard.flush()
+        print(f"train: {format_step(record, self.config.total_steps, self.config.epochs)}", flush=True)
+
+    def _validate(self) -> dict | None:
+        """COCO stats of the model on the validation set, on rank 0 (None elsewhere); a collective."""
+        self.model.eval()
+        try:
+            batches = []
+            if self.val_shard is not None:
+                batches = self.val_shard.iter_torch_batches(
+                    batch_size=self.config.batch_size, collate_fn=ValidationCollate(), prefetch_batches=2
+                )
+            detections = detect(self.model, batches, self.config.categories, self.device, self.config.amp)
+        finally:
+            set_training_mode(self.model, self.config)
+        return gather_and_score(detections, self.ground_truth, self.rank)
+
+    def _tensorboard_validation(self, record: dict) -> None:
+        if self.tensorboard is None:
+            return
+        scalars = {f"val/{t}_{stat}": record[t][stat] for t in ("bbox", "segm") if t in record
+                   for stat in ("AP", "AP50", "AP75")}
+        if scalars:
+            self.tensorboard.scalars(self.step, scalars)
+            self.tensorboard.flush()
+
+    def _checkpoint(self, name: str, summary: dict) -> None:
+        """Report rank 0's training state to Ray Train as the checkpoint `name` (a collective).
+
+        Only a few numbers go with the report (Ray logs each report); `metrics.jsonl` has them all.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank == 0:
+                save_state(
+                    directory,
+                    {
+                        "model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(),
+                        "epoch": self.epochs_done,
+                        "step": self.step,
+                        "epoch_step": self.epoch_step,
+                        "history": self.history,
+                        "config": json.dumps(asdict(self.config)),
+                    },
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            metrics = {"epoch": self.epochs_done, "step": self.step, **summary}
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _zero_sums() -> torch.Tensor:
+    """Per-worker sums: the loss terms, then steps, images and seconds waited for batches."""
+    return torch.zeros(len(LOSS_NAMES) + 3, dtype=torch.float64)
+
+
+def _reduce(sums: torch.Tensor, seconds: float, device: torch.device) -> tuple[torch.Tensor, float, int]:
+    """`sums` added over all workers, the longest `seconds`, and the number of workers."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums, seconds, 1
+    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    totals = sums.to(reduce_device)
+    dist.all_reduce(totals)
+    elapsed = torch.tensor([seconds], dtype=torch.float64, device=reduce_device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return totals.cpu(), float(elapsed.item()), dist.get_world_size()
+
+
+def _means(sums: torch.Tensor, seconds: float, workers: int) -> dict:
     steps, images = max(1.0, float(sums[-3])), int(sums[-2])
     means = {name: float(sums[i]) / steps for i, name in enumerate(LOSS_NAMES)}
     return {
         "loss": sum(means.values()),
         **means,
-        "lr": scheduler.get_last_lr()[0],
         "images": images,
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
@@ -281,56 +430,63 @@ def _timed(batches):
         yield images, targets, time.perf_counter() - started
 
 
-@torch.inference_mode()
-def evaluate(model, shard, ground_truth: dict, device: torch.device, config: LoopConfig) -> dict:
-    """COCO bbox and segm stats of `model` (not DDP-wrapped) on the images of `shard`.
+def _resume_state(rank: int) -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    if rank == 0:
+        uri = storage.to_uri(checkpoint.filesystem, checkpoint.path)
+        print(
+            f"train: resuming from checkpoint {uri} (epoch {int(state['epoch'])} done) "
+            f"at step {int(state.get('step', 0))}",
+            flush=True,
+        )
+    return state
 
-    Masks are encoded from the per-RoI probabilities (`paste_masks = False` + `masks_to_rle`)
-    rather than pasted into full-size images, which is the slow part of inference on a CPU.
+
+def initialise_from(
+    model: torch.nn.Module, uri: str, *, log: bool, categories: tuple[Category, ...] | None = None
+) -> tuple[int, int]:
+    """Copy into `model` every tensor of the weights at `uri` whose name and shape match.
+
+    Class-specific layers (the box and mask predictors) differ between a COCO checkpoint and a
+    model of other categories. For `torchvision:<builder>` weights and the dataset's
+    `categories`, the rows of categories named as a COCO class (`person`, `dog`) are copied from
+    that class's rows (`mrcnn.transfer`); the others keep their random initialisation. Returns
+    (copied, total tensors of the model); raises `mrcnn.weights.WeightsError` when nothing matches.
     """
-    model.eval()
-    model.paste_masks = False
-    detections = []
-    try:
-        for image_ids, images in shard.iter_torch_batches(
-            batch_size=config.batch_size, collate_fn=ValidationCollate(), prefetch_batches=2
-        ):
-            with _autocast(device, config.amp):
-                outputs = model([image.to(device, non_blocking=True) for image in images])
-            for image_id, image, output in zip(image_ids, images, outputs, strict=True):
-                height, width = image.shape[-2:]
-                boxes = output["boxes"].float()
-                counts = masks_to_rle(output["mask_probs"].float(), boxes, height, width)
-                category_ids = [config.categories[label - 1].id for label in output["labels"].tolist()]
-                detections += detections_from_prediction(
-                    image_id, boxes, output["scores"].float(), category_ids, counts, height, width
-                )
-    finally:
-        model.paste_masks = True
-        set_training_mode(model, config)
-    return evaluate_coco(ground_truth, detections)
+    from mrcnn.weights import WeightsError
+
+    source = read_state_dict(uri)
+    own = model.state_dict()
+    labels = None
+    if categories and uri.startswith(TORCHVISION_PREFIX):
+        names = ["__background__", *(category.name for category in categories)]
+        labels = shared_labels(torchvision_categories(uri[len(TORCHVISION_PREFIX) :]), names)
+    state, rows = transferred_state(own, source, labels)
+    if not state:
+        raise WeightsError(f"{uri}: no tensor fits the model (names or shapes all differ)")
+    model.load_state_dict(state, strict=False)
+    if log:
+        print(
+            f"train: initialised {len(state)} of {len(own)} tensors from {uri} "
+            f"(the rest, e.g. {sorted(set(own) - set(state))[:3]}, stay random)"
+            + (f"; predictor rows of {rows} categories from the classes of the same name" if rows else ""),
+            flush=True,
+        )
+    return len(state), len(own)
 
 
-def _report(epoch, metrics, history, model, optimizer, scheduler, config: LoopConfig, rank: int) -> None:
-    """Report this epoch to Ray Train, with rank 0's training state as the checkpoint.
+def set_training_mode(model: torch.nn.Module, config: LoopConfig) -> None:
+    """`model.train()`, except that a pretrained backbone is frozen as torchvision's builders do.
 
-    Only a few numbers go with the report (Ray logs each report); `metrics.jsonl` has them all.
+    With ImageNet or `init_weights` weights, only the top `trainable_backbone_layers` ResNet
+    stages train and every BatchNorm of the ResNet normalises with its stored statistics and is
+    not trained (`mrcnn.backbone.freeze_backbone`): batch statistics of a few images per worker
+    would overwrite those the weights were trained with.
     """
-    summary = {"epoch": epoch, "loss": metrics["loss"]}
-    summary.update({f"{t}_AP": metrics[t]["AP"] for t in ("bbox", "segm") if t in metrics})
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            save_state(
-                directory,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "config": json.dumps(asdict(config)),
-                },
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(summary, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
+    model.train()
+    if config.pretrained:
+        freeze_backbone(model, config.trainable_backbone_layers)

@@ -25,7 +25,8 @@ scale from zero holds only its head then):
 
 Fault injection for tests: `MRCNN_TRAIN_FAIL_AFTER_EPOCH=k` in the driver's environment makes
 the rank-0 worker process exit right after it has checkpointed epoch k (only in a run that did
-not start from epoch k or later), as if it had been killed.
+not start from epoch k or later), as if it had been killed; `MRCNN_TRAIN_FAIL_AFTER_STEP=k` does
+the same after the mid-epoch checkpoint of step k (`--checkpoint-every` must divide k).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 from dataclasses import dataclass
 
 from mrcnn import build_model, storage
+from mrcnn.backbone import default_backbone_weights, ensure_imagenet_weights, trainable_layers
 from mrcnn.coco import CocoDataset
 from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
 from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
@@ -48,11 +50,13 @@ from pipeline.ray_compat import (
 )
 from pipeline.ray_errors import one_line, root_cause
 from pipeline.shared_storage import StorageMarker
+from pipeline.tensorboard_log import TENSORBOARD_DIR
 from pipeline.train_loop import LoopConfig, initialise_from, train_loop_per_worker
 
 logger = logging.getLogger("pipeline.trainer")
 
 FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
+FAIL_AFTER_STEP_ENV = "MRCNN_TRAIN_FAIL_AFTER_STEP"
 # `--lr` is the learning rate for a total batch of this many images (torchvision's reference:
 # 0.02 for 8 GPUs x 2 images); the run scales it linearly to num_workers x batch_size.
 REFERENCE_BATCH = 16
@@ -97,13 +101,27 @@ class TrainJob:
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     lr_schedule: str = "cosine"
-    amp: bool = False
+    amp: str = "off"
     roi_op: str = "align"
     mask_loss: str = "sigmoid"
     init_weights: str | None = None
+    backbone_weights: str | None = None
+    trainable_backbone_layers: int | None = None
+    checkpoint_every: int = 1000
+    validate_every: int = 0
+    log_every: int = 20
+    exif_orientation: str = "stored"
     max_failures: int = 0
     seed: int = 0
     resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
+
+    @property
+    def backbone_start(self) -> str:
+        """Where the ResNet starts: "imagenet" or "none" (the preset's default when not given);
+        "none" with `init_weights`, which hold a backbone of their own."""
+        if self.init_weights:
+            return "none"
+        return self.backbone_weights or default_backbone_weights(self.preset)
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,16 @@ def check_init_weights(job: TrainJob, num_classes: int) -> None:
     """Raise `mrcnn.weights.WeightsError` unless `job.init_weights` can initialise the model."""
     model = build_model(job.preset, num_classes, roi_op=job.roi_op, mask_loss=job.mask_loss)
     initialise_from(model, job.init_weights, log=False)
+
+
+def check_backbone_weights(job: TrainJob) -> None:
+    """Raise `mrcnn.weights.WeightsError` (one line) when the job starts from ImageNet weights
+    that are neither in this node's torch hub cache nor downloadable from it.
+
+    The workers load the file where they run; a node without network must find it in its cache.
+    """
+    if job.backbone_start == "imagenet":
+        ensure_imagenet_weights(job.preset)
 
 
 def run_training(
@@ -176,6 +204,7 @@ def run_training(
             f"train: resuming from checkpoint {storage.to_uri(filesystem, previous[0].path)} "
             f"(epoch {previous[1]} of {job.epochs} done)"
         )
+    pretrained = job.backbone_start == "imagenet" or bool(job.init_weights)
 
     if job.use_gpu and not joined_cluster and ray.cluster_resources().get("GPU", 0) < 1:
         raise TrainingError(
@@ -189,6 +218,8 @@ def run_training(
     steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size))
     total_batch = job.num_workers * job.batch_size
     fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
+    fail_after_step = os.environ.get(FAIL_AFTER_STEP_ENV)
+    val_parts = min(job.num_workers, len(val_data.images)) if val_data is not None else 1
     config = LoopConfig(
         preset=job.preset,
         num_classes=len(train_data.categories) + 1,
@@ -210,12 +241,24 @@ def run_training(
         init_weights=job.init_weights,
         metrics_uri=storage.join(job.output, METRICS_FILE),
         validate=val_data is not None,
+        backbone_weights=job.backbone_start,
+        trainable_backbone_layers=trainable_layers(pretrained, job.trainable_backbone_layers),
+        checkpoint_every=job.checkpoint_every,
+        validate_every=job.validate_every,
+        log_every=job.log_every,
+        val_parts=val_parts,
+        tensorboard_uri=storage.join(job.output, TENSORBOARD_DIR),
         fail_after_epoch=int(fail_after) if fail_after else None,
+        fail_after_step=int(fail_after_step) if fail_after_step else None,
         output_marker=output_marker,
     )
-    datasets = {"train": training_dataset(train_data)}
+    datasets = {"train": training_dataset(train_data, exif_orientation=job.exif_orientation)}
     if val_data is not None:
-        datasets["val"] = validation_dataset(val_data)
+        # One part of the validation images per worker (`pipeline.validation`).
+        for part in range(val_parts):
+            datasets[f"val_{part}"] = validation_dataset(
+                val_data, part=part, parts=val_parts, exif_orientation=job.exif_orientation
+            )
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -20,6 +20,7 @@ import pytest
 from ray_cluster import FakeAutoscalingCluster, MultiNodeCluster, processes_of
 
 from mrcnn.shapes import generate_shapes
+from pipeline.metrics import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -112,14 +113,14 @@ def test_training_resumes_from_its_checkpoint_once_a_new_node_replaces_a_dead_on
             "--batch-size", "4", "--max-failures", "1",
         )  # fmt: skip
         metrics = run / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), job, "a first checkpoint")
-        epochs_at_the_kill = len(metrics.read_text().splitlines())
+        wait_for(lambda: read_history(str(metrics)), job, "a first checkpoint")
+        epochs_at_the_kill = len(read_history(str(metrics)))
         cluster.kill_node("a")
         cluster.add_node("b", num_cpus=2)
         stdout, stderr = finish(job)
     assert job.returncode == 0, stderr[-3000:]
     assert epochs_at_the_kill < epochs, "the node must die mid-run"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    history = read_history(str(metrics))
     assert [record["epoch"] for record in history] == list(range(1, epochs + 1))
     assert "resuming from checkpoint" in stdout + stderr
     assert (run / "model" / "model.json").exists()

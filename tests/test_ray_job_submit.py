@@ -18,6 +18,8 @@ import pyarrow.dataset as pads
 import pytest
 from local_head import REPO, generate_token, local_head, ray_cli
 
+from pipeline.metrics import read_history
+
 TERMINAL = ("succeeded", "failed", "stopped")
 # What a user passes with `ray job submit --runtime-env-json` for a cluster in another region.
 RUNTIME_ENV = {"env_vars": {"AWS_REGION": "eu-west-1", "MRCNN_S3_MAX_ATTEMPTS": "7"}}
@@ -62,7 +64,7 @@ def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
         runtime_env=RUNTIME_ENV,
     )
     assert (run / "model" / "model.json").exists()
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(read_history(str(run / "metrics.jsonl"))) == 1
 
     masks = tmp_path / "masks"
     _submit(
@@ -85,7 +87,7 @@ def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
     )
     stats = json.loads(scores.read_text())
     # The same model, threshold (0.05, the model's own) and images as the run's validation.
-    reported = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    reported = read_history(str(run / "metrics.jsonl"))[-1]
     for iou_type in ("bbox", "segm"):
         assert stats[iou_type]["AP"] == reported[iou_type]["AP"], iou_type
 

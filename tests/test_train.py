@@ -197,7 +197,7 @@ def _config() -> LoopConfig:
     return LoopConfig(
         preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
         epochs=2, batch_size=2, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=10,
-        lr_schedule="cosine", steps_per_epoch=50, amp=False, torch_threads=1, seed=0,
+        lr_schedule="cosine", steps_per_epoch=50, amp="off", torch_threads=1, seed=0,
         init_weights=None, metrics_uri="", validate=False,
     )
 
