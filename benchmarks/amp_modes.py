@@ -94,6 +94,8 @@ def main() -> None:
         raise SystemExit("--modes must start with off: box errors are measured against its model")
     with tempfile.TemporaryDirectory() as scratch:
         root = args.output or scratch
+        # The same data, seeds and flags as benchmarks/roi_ablation.py, so that their figures
+        # compare; each benchmark stays one file a reader can run and follow on its own.
         train = generate_shapes(os.path.join(root, "train"), args.train_images, seed=1, size=128)
         val = generate_shapes(os.path.join(root, "val"), args.val_images, seed=2, size=128)
         common = [

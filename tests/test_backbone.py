@@ -164,6 +164,8 @@ def test_coco_fine_tune_copies_the_rows_of_coco_named_categories(hub_cache, monk
     state = model.state_dict()
     coco_label = {"background": 0, "person": 1, "dog": 18}
     ours = {"background": 0, "person": 1, "dog": 2}
+    # Written out again rather than imported from mrcnn.transfer: the test's own statement of
+    # which rows belong to a class, so that a wrong table there cannot pass unnoticed.
     rows = {
         "roi_heads.box_predictor.cls_score.weight": 1,
         "roi_heads.box_predictor.cls_score.bias": 1,
