@@ -3,8 +3,10 @@
 One JSON object per completed epoch: `epoch` (1-based), `loss` and the five loss terms
 (`LOSS_NAMES`, means over the epoch's steps and workers), `lr` (at the end of the epoch),
 `images`, `seconds`, `images_per_second` (all workers together), `data_wait_seconds` (time a
-worker spent waiting for its next batch, mean over workers), and with a validation set
-`bbox` and `segm`, each COCOeval's 12 stats by name (`mrcnn.evaluation.STAT_NAMES`).
+worker spent waiting for its next batch, mean over workers), `step` (optimizer steps done in
+all) and `planned_steps` (the length of the learning-rate schedule); under a time budget `plan`
+(`pipeline.budget.Plan` as a dict) and `expected_end` (Unix time the last step should end); with a
+validation set `bbox` and `segm`, each COCOeval's 12 stats by name (`mrcnn.evaluation.STAT_NAMES`).
 
 The file is rewritten whole from the run's history, which travels inside each checkpoint, so
 after a resume it holds exactly one line per epoch of the checkpoint it resumed from, never a
@@ -14,6 +16,7 @@ line of an epoch that was lost.
 from __future__ import annotations
 
 import json
+import time
 
 from mrcnn import storage
 
@@ -41,6 +44,10 @@ def format_epoch(metrics: dict, epochs: int) -> str:
         f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.3f} ({terms}) "
         f"lr {metrics['lr']:.5f} {metrics['images_per_second']:.2f} images/s"
     )
+    if "planned_steps" in metrics:
+        line += f" step {metrics['step']}/{metrics['planned_steps']}"
+    if "expected_end" in metrics:
+        line += f" (ends about {time.strftime('%H:%M:%S', time.localtime(metrics['expected_end']))})"
     for iou_type in ("bbox", "segm"):
         if iou_type in metrics:
             stats = metrics[iou_type]

@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ray.train
 import ray.train.torch
@@ -28,6 +28,7 @@ from mrcnn.categories import Category
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco
 from mrcnn.rle import masks_to_rle
 from mrcnn.weights import read_state_dict
+from pipeline.budget import StepClock, TimeBudget
 from pipeline.checkpoints import load_state, save_state
 from pipeline.metrics import LOSS_NAMES, format_epoch, write_history
 from pipeline.shared_storage import StorageMarker
@@ -47,7 +48,9 @@ class LoopConfig:
     """Everything the per-worker training function needs; plain values, sent to every worker.
 
     `lr` is the peak learning rate of the whole (DDP) batch, already scaled; `steps_per_epoch` is
-    the number of optimizer steps of one epoch on each worker, for the learning-rate schedule.
+    the number of optimizer steps of one epoch on each worker. The schedule runs over
+    `epochs * steps_per_epoch` steps, or `max_steps` if fewer (the last epoch then ends early);
+    with a `time_budget`, over the steps planned to fit it (`pipeline.budget`), at most those.
     `categories[i - 1]` is the category of the model's label `i`.
     """
 
@@ -73,6 +76,14 @@ class LoopConfig:
     validate: bool
     fail_after_epoch: int | None = None
     output_marker: StorageMarker | None = None
+    max_steps: int | None = None
+    time_budget: TimeBudget | None = None
+
+
+def schedule_steps(config: LoopConfig) -> int:
+    """The most optimizer steps the run may take: its epochs, or `max_steps` if fewer."""
+    total = max(1, config.epochs * config.steps_per_epoch)
+    return total if config.max_steps is None else min(total, config.max_steps)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
@@ -84,16 +95,21 @@ def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torc
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def lr_factor(step: int, config: LoopConfig) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    total = max(1, config.epochs * config.steps_per_epoch)
+def lr_factor(step: int, config: LoopConfig, total: int | None = None) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total` steps.
+
+    `total` defaults to `schedule_steps(config)`; a time budget passes the planned steps. The
+    warm-up takes at most a quarter of the schedule, so a short plan still decays.
+    """
+    total = max(1, total or schedule_steps(config))
     progress = min(step, total) / total
     if config.lr_schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         decay = 0.1 ** sum(progress >= milestone for milestone in STEP_MILESTONES)
-    if step < config.warmup_iters:
-        decay *= WARMUP_START + (1.0 - WARMUP_START) * step / config.warmup_iters
+    warmup = min(config.warmup_iters, max(1, total // 4))
+    if step < warmup:
+        decay *= WARMUP_START + (1.0 - WARMUP_START) * step / warmup
     return decay
 
 
@@ -128,19 +144,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
-    # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
-    # bring back the old schedule when a run resumes with more epochs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     start_epoch, history = 0, []
+    if state is not None:
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+    schedule = _Schedule(config, history)
+    # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
+    # bring back the old schedule when a run resumes with more epochs or a new plan.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config, schedule.steps)
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
+    if config.time_budget is not None:
+        schedule.clock = StepClock(config.time_budget, first_step=scheduler.last_epoch)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.validate else None
     for epoch in range(start_epoch + 1, config.epochs + 1):
-        metrics = _train_one_epoch(ddp_model, optimizer, scheduler, train_shard, device, config)
-        metrics = {"epoch": epoch, **metrics}
+        if scheduler.last_epoch >= schedule.steps:
+            break
+        metrics = _train_one_epoch(ddp_model, optimizer, scheduler, train_shard, device, config, schedule)
+        metrics = {"epoch": epoch, **metrics, **schedule.record(scheduler.last_epoch)}
         if val_shard is not None and rank == 0:
             started = time.perf_counter()
             metrics.update(evaluate(model, val_shard, loop_config["val_ground_truth"], device, config))
@@ -158,6 +182,66 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # Fault injection for the resume tests: this worker process dies as if killed.
                 print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
                 os._exit(1)
+
+
+class _Schedule:
+    """The length of the learning-rate schedule, planned against the time budget if there is one.
+
+    Without a budget it is `schedule_steps(config)`. With one, it starts as the plan the run's
+    history recorded (a resumed run) or the most steps allowed, and `replan` sets it from the step
+    time this invocation measures; every worker takes the smallest plan of all, so all stop at the
+    same step.
+    """
+
+    def __init__(self, config: LoopConfig, history: list[dict]) -> None:
+        self.config = config
+        self.clock: StepClock | None = None
+        self.plan: dict | None = None
+        self._announced = False
+        self.steps = schedule_steps(config)
+        if config.time_budget is not None and history and history[-1].get("plan"):
+            self.plan = history[-1]["plan"]
+            self.steps = min(self.steps, int(history[-1]["planned_steps"]))
+
+    def replan(self, step: int, device: torch.device) -> None:
+        plan = self.clock.plan(step, schedule_steps(self.config), min_steps=4 * self.config.warmup_iters)
+        steps = plan.steps
+        if dist.is_available() and dist.is_initialized():
+            reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            agreed = torch.tensor([steps], dtype=torch.int64, device=reduce_device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            steps = int(agreed.item())
+        plan = replace(plan, steps=steps)
+        self.steps = steps
+        self.plan = plan.to_dict()
+        if ray.train.get_context().get_world_rank() == 0 and not self._announced:
+            self._announced = True
+            images = self.config.batch_size * _world_size() / plan.seconds_per_step
+            end = _clock_time(time.time() + (steps - step) * plan.seconds_per_step)
+            print(
+                f"train: plan: {steps} steps in all ({step} done) at {plan.seconds_per_step:.3f} s/step, "
+                f"{images:.1f} images/s; the schedule ends at step {steps}, about {end} "
+                f"(budget {plan.budget_s / 60:.1f} min)",
+                flush=True,
+            )
+            if plan.warning():
+                print(f"train: {plan.warning()}", flush=True)
+
+    def record(self, step: int) -> dict:
+        """What an epoch's metrics say of the schedule: the step reached, the plan and its end."""
+        record = {"step": step, "planned_steps": self.steps}
+        if self.plan is not None:
+            record["plan"] = self.plan
+            record["expected_end"] = time.time() + (self.steps - step) * self.plan["seconds_per_step"]
+        return record
+
+
+def _clock_time(unix: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _resume_state(rank: int) -> dict | None:
@@ -215,8 +299,9 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopConfig) -> dict:
-    """One pass over this worker's shard; loss means and throughput over all workers."""
+def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopConfig, schedule) -> dict:
+    """One pass over this worker's shard, or up to the schedule's last step; loss means and
+    throughput over all workers."""
     set_training_mode(getattr(model, "module", model), config)
     # Per worker, summed over workers below: the loss terms, then steps, images, and the seconds
     # spent waiting for the next batch (the input pipeline's share of the epoch).
@@ -243,9 +328,14 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # Before the scheduler steps, so that the next step's learning rate follows a new plan.
+        if schedule.clock is not None and schedule.clock.step_done(scheduler.last_epoch + 1):
+            schedule.replan(scheduler.last_epoch + 1, device)
         scheduler.step()
         sums[: len(LOSS_NAMES)] += values.double()
         sums[-3:] += torch.tensor([1.0, len(images), waited], dtype=torch.float64)
+        if scheduler.last_epoch >= schedule.steps:
+            break
     seconds = time.perf_counter() - started
     workers = 1
     if dist.is_available() and dist.is_initialized():
@@ -316,7 +406,8 @@ def _report(epoch, metrics, history, model, optimizer, scheduler, config: LoopCo
 
     Only a few numbers go with the report (Ray logs each report); `metrics.jsonl` has them all.
     """
-    summary = {"epoch": epoch, "loss": metrics["loss"]}
+    summary = {"epoch": epoch, "loss": metrics["loss"], "step": metrics["step"]}
+    summary.update(planned_steps=metrics["planned_steps"], budgeted="plan" in metrics)
     summary.update({f"{t}_AP": metrics[t]["AP"] for t in ("bbox", "segm") if t in metrics})
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
