@@ -9,6 +9,7 @@ import pytest
 
 from mrcnn.categories import Category
 from pipeline.budget import CALIBRATION_STEPS, REPLAN_EVERY, UNTIMED_STEPS, StepClock, TimeBudget, plan_steps
+from pipeline.metrics import LOSS_NAMES, format_epoch
 from pipeline.train_loop import LoopConfig, lr_factor, schedule_steps
 from pipeline.trainer import TrainJob, schedule_finished, steps_per_epoch
 
@@ -124,3 +125,10 @@ def test_a_run_is_finished_when_its_schedule_is():
     assert schedule_finished(epochs, {"epoch": 5}, 150)
     stepped = TrainJob(train_annotations="a", train_images="i", output="o", epochs=5, max_steps=700)
     assert schedule_finished(stepped, {"epoch": 5, "step": 700, "planned_steps": 700}, 150)
+
+
+def test_the_epoch_line_tells_the_step_of_the_plan_and_when_it_ends():
+    epoch = {"epoch": 2, "loss": 1.0, **{name: 0.2 for name in LOSS_NAMES}, "lr": 0.001,
+             "images_per_second": 13.0, "step": 300, "planned_steps": 712, "expected_end": 0.0}  # fmt: skip
+    line = format_epoch(epoch, 30)
+    assert "\n" not in line and "step 300/712" in line and "ends about" in line
