@@ -193,7 +193,6 @@ def run_training(
     (`pipeline.shared_storage`); `started`: the Unix time `job.max_minutes` counts from (default:
     now).
     """
-    started = time.time() if started is None else started
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -207,6 +206,7 @@ def run_training(
 
     from pipeline.train_data import training_dataset, validation_dataset
 
+    started = time.time() if started is None else started
     filesystem, path = storage.resolve(job.output)
     epoch_steps = steps_per_epoch(job, len(train_data.images))
     previous = _latest_checkpoint(filesystem, path)
