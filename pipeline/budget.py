@@ -8,15 +8,19 @@ to zero) instead of a long one cut short. The plan is re-estimated every `REPLAN
 from the average step time so far, so a machine that slows down (or speeds up) mid-run still ends
 on time; each re-plan moves the end of the schedule, never the steps already taken.
 
-`plan_steps` is a pure function (step time, budget, fixed costs -> steps); `StepClock` is the
-bookkeeping around it that the training loop keeps; `TimeBudget` is what a job hands the loop.
+`plan_steps` is a pure function (step time, budget, fixed costs -> steps); `StepClock` says
+when to re-plan and how fast the steps were; `Schedule` is the schedule's length the training
+loop follows, re-planned under DDP; `TimeBudget` is what a job hands the loop.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
 
 # Steps timed before the first plan. The first steps of a run are slower (first-touch allocations,
 # Ray Data's first blocks): they count against the budget through the clock, but the step time
@@ -144,3 +148,76 @@ class StepClock:
             max_steps=max_steps,
             min_steps=min_steps,
         )
+
+
+class Schedule:
+    """The length of a run's learning-rate schedule, planned against a time budget if there is one.
+
+    Without a budget it is `max_steps`. With one, it starts as the plan the run's history recorded
+    (a resumed run) or `max_steps`, and `after_step` re-plans it at the clock's points from the
+    step time this invocation measures; every DDP worker takes the smallest plan of all, so all
+    stop at the same step. `announce`: print the first plan of this invocation (rank 0).
+    """
+
+    def __init__(
+        self,
+        max_steps: int,
+        *,
+        budget: TimeBudget | None = None,
+        history: list[dict] | None = None,
+        min_steps: int = 1,
+        images_per_step: int = 1,
+        announce: bool = False,
+    ) -> None:
+        self.max_steps = max_steps
+        self.steps = max_steps
+        self.plan: dict | None = None
+        self._budget = budget
+        self._clock: StepClock | None = None
+        self._min_steps = min_steps
+        self._images_per_step = images_per_step
+        self._announce = announce
+        last = history[-1] if history else {}
+        if budget is not None and last.get("plan"):
+            self.plan = last["plan"]
+            self.steps = min(max_steps, int(last["planned_steps"]))
+
+    def start(self, first_step: int, clock=time.time) -> None:
+        """Start timing this invocation's steps, `first_step` steps being done already."""
+        if self._budget is not None:
+            self._clock = StepClock(self._budget, first_step, clock)
+
+    def after_step(self, step: int, device: torch.device) -> None:
+        """`step` optimizer steps are done in all: re-plan if the clock says so (on every worker)."""
+        if self._clock is None or not self._clock.step_done(step):
+            return
+        plan = self._clock.plan(step, self.max_steps, self._min_steps)
+        steps = plan.steps
+        if dist.is_available() and dist.is_initialized():
+            reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            agreed = torch.tensor([steps], dtype=torch.int64, device=reduce_device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            steps = int(agreed.item())
+        plan = replace(plan, steps=steps)
+        self.steps, self.plan = steps, plan.to_dict()
+        if self._announce:
+            self._announce = False
+            images = self._images_per_step / plan.seconds_per_step
+            ends = time.localtime(time.time() + (steps - step) * plan.seconds_per_step)
+            end = time.strftime("%H:%M:%S", ends)
+            print(
+                f"train: plan: {steps} steps in all ({step} done) at {plan.seconds_per_step:.3f} s/step, "
+                f"{images:.1f} images/s; the schedule ends at step {steps}, about {end} "
+                f"(budget {plan.budget_s / 60:.1f} min)",
+                flush=True,
+            )
+            if plan.warning():
+                print(f"train: {plan.warning()}", flush=True)
+
+    def record(self, step: int) -> dict:
+        """What an epoch's metrics say of the schedule: the step reached, the plan and its end."""
+        record = {"step": step, "planned_steps": self.steps}
+        if self.plan is not None:
+            record["plan"] = self.plan
+            record["expected_end"] = time.time() + (self.steps - step) * self.plan["seconds_per_step"]
+        return record

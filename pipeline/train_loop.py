@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import ray.train
 import ray.train.torch
@@ -28,7 +28,7 @@ from mrcnn.categories import Category
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco
 from mrcnn.rle import masks_to_rle
 from mrcnn.weights import read_state_dict
-from pipeline.budget import StepClock, TimeBudget
+from pipeline.budget import Schedule, TimeBudget
 from pipeline.checkpoints import load_state, save_state
 from pipeline.metrics import LOSS_NAMES, format_epoch, write_history
 from pipeline.shared_storage import StorageMarker
@@ -147,7 +147,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch, history = 0, []
     if state is not None:
         start_epoch, history = int(state["epoch"]), list(state["history"])
-    schedule = _Schedule(config, history)
+    schedule = Schedule(
+        schedule_steps(config),
+        budget=config.time_budget,
+        history=history,
+        min_steps=4 * config.warmup_iters,
+        images_per_step=config.batch_size * context.get_world_size(),
+        announce=rank == 0,
+    )
     # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
     # bring back the old schedule when a run resumes with more epochs or a new plan.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -156,8 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    if config.time_budget is not None:
-        schedule.clock = StepClock(config.time_budget, first_step=scheduler.last_epoch)
+    schedule.start(first_step=scheduler.last_epoch)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.validate else None
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -182,66 +188,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # Fault injection for the resume tests: this worker process dies as if killed.
                 print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
                 os._exit(1)
-
-
-class _Schedule:
-    """The length of the learning-rate schedule, planned against the time budget if there is one.
-
-    Without a budget it is `schedule_steps(config)`. With one, it starts as the plan the run's
-    history recorded (a resumed run) or the most steps allowed, and `replan` sets it from the step
-    time this invocation measures; every worker takes the smallest plan of all, so all stop at the
-    same step.
-    """
-
-    def __init__(self, config: LoopConfig, history: list[dict]) -> None:
-        self.config = config
-        self.clock: StepClock | None = None
-        self.plan: dict | None = None
-        self._announced = False
-        self.steps = schedule_steps(config)
-        if config.time_budget is not None and history and history[-1].get("plan"):
-            self.plan = history[-1]["plan"]
-            self.steps = min(self.steps, int(history[-1]["planned_steps"]))
-
-    def replan(self, step: int, device: torch.device) -> None:
-        plan = self.clock.plan(step, schedule_steps(self.config), min_steps=4 * self.config.warmup_iters)
-        steps = plan.steps
-        if dist.is_available() and dist.is_initialized():
-            reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-            agreed = torch.tensor([steps], dtype=torch.int64, device=reduce_device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            steps = int(agreed.item())
-        plan = replace(plan, steps=steps)
-        self.steps = steps
-        self.plan = plan.to_dict()
-        if ray.train.get_context().get_world_rank() == 0 and not self._announced:
-            self._announced = True
-            images = self.config.batch_size * _world_size() / plan.seconds_per_step
-            end = _clock_time(time.time() + (steps - step) * plan.seconds_per_step)
-            print(
-                f"train: plan: {steps} steps in all ({step} done) at {plan.seconds_per_step:.3f} s/step, "
-                f"{images:.1f} images/s; the schedule ends at step {steps}, about {end} "
-                f"(budget {plan.budget_s / 60:.1f} min)",
-                flush=True,
-            )
-            if plan.warning():
-                print(f"train: {plan.warning()}", flush=True)
-
-    def record(self, step: int) -> dict:
-        """What an epoch's metrics say of the schedule: the step reached, the plan and its end."""
-        record = {"step": step, "planned_steps": self.steps}
-        if self.plan is not None:
-            record["plan"] = self.plan
-            record["expected_end"] = time.time() + (self.steps - step) * self.plan["seconds_per_step"]
-        return record
-
-
-def _clock_time(unix: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(unix))
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _resume_state(rank: int) -> dict | None:
@@ -329,8 +275,7 @@ def _train_one_epoch(model, optimizer, scheduler, shard, device, config: LoopCon
         loss.backward()
         optimizer.step()
         # Before the scheduler steps, so that the next step's learning rate follows a new plan.
-        if schedule.clock is not None and schedule.clock.step_done(scheduler.last_epoch + 1):
-            schedule.replan(scheduler.last_epoch + 1, device)
+        schedule.after_step(scheduler.last_epoch + 1, device)
         scheduler.step()
         sums[: len(LOSS_NAMES)] += values.double()
         sums[-3:] += torch.tensor([1.0, len(images), waited], dtype=torch.float64)

@@ -6,9 +6,18 @@ Pure functions and a clock handed in as a function: no Ray, no waiting.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mrcnn.categories import Category
-from pipeline.budget import CALIBRATION_STEPS, REPLAN_EVERY, UNTIMED_STEPS, StepClock, TimeBudget, plan_steps
+from pipeline.budget import (
+    CALIBRATION_STEPS,
+    REPLAN_EVERY,
+    UNTIMED_STEPS,
+    Schedule,
+    StepClock,
+    TimeBudget,
+    plan_steps,
+)
 from pipeline.metrics import LOSS_NAMES, format_epoch
 from pipeline.train_loop import LoopConfig, lr_factor, schedule_steps
 from pipeline.trainer import TrainJob, schedule_finished, steps_per_epoch
@@ -89,6 +98,26 @@ def test_a_resumed_run_times_only_its_own_steps():
     clock.now += 1.0
     assert steps.step_done(300 + CALIBRATION_STEPS)
     assert steps.plan(300 + CALIBRATION_STEPS, max_steps=10_000, min_steps=1).seconds_per_step == 1.0
+
+
+def test_a_resumed_schedule_keeps_its_plan_until_it_re_plans_and_records_it(capsys):
+    plan = {"steps": 700, "seconds_per_step": 0.6}
+    history = [{"epoch": 3, "step": 450, "planned_steps": 700, "plan": plan}]
+    # Without a budget the plan of the history is not followed: the epochs asked for are.
+    assert Schedule(4500, history=history).steps == 4500
+    clock = FakeClock(0.0)
+    schedule = Schedule(4500, budget=TimeBudget(started=0.0, seconds=600), history=history, announce=True)
+    schedule.start(first_step=450, clock=clock)
+    assert schedule.steps == 700
+    for step in range(451, 450 + CALIBRATION_STEPS + 1):
+        clock.now += 0.5
+        schedule.after_step(step, torch.device("cpu"))
+    # 5 s spent, 10 steps at 0.5 s/step: 1190 more steps fit in the 595 s left.
+    assert schedule.steps == 460 + 1190
+    record = schedule.record(460)
+    assert record["planned_steps"] == record["plan"]["steps"] == 1650 and record["expected_end"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("train: plan: 1650 steps") == 1 and "images/s" in printed
 
 
 def _config(**changes) -> LoopConfig:
