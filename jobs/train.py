@@ -115,7 +115,8 @@ def build_parser() -> OneLineParser:
         "--max-minutes", type=bounded(float, 0.0, above=True), default=None,
         help="time budget from the job's start: the step time measured over the first steps plans "
         "how many steps (at most the epochs' and --max-steps) end in time, and the schedule is set "
-        "over them; a re-run resumes the plan (default: no budget)",
+        "over them; a re-run resumes the plan and re-plans the rest against its own budget "
+        "(default: no budget)",
     )
     optim.add_argument(
         "--batch-size", type=bounded(int, 1), default=DEFAULTS.batch_size,
