@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m jobs.quickstart
+	$(PY) -m jobs.quickstart --budget-minutes 10
 
 test: setup
 	$(PY) -m pytest -q

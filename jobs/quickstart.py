@@ -1,6 +1,6 @@
 """The whole pipeline on one machine, no cluster, no cloud: data, training, evaluation, segmentation.
 
-    python -m jobs.quickstart --workdir demo-output          # what `make demo` runs
+    python -m jobs.quickstart --budget-minutes 10            # what `make demo` runs
     python -m jobs.quickstart --use-gpu                      # the same on a GPU
 
 It starts a local Ray (dashboard on 127.0.0.1 only), generates synthetic shapes train and
@@ -8,6 +8,14 @@ validation sets, trains a small Mask R-CNN with Ray Train, segments the validati
 Data into Parquet, scores that output with COCOeval, draws a few overlays, and writes
 `WORKDIR/summary.json`. Each step runs the same command a user would run (printed as it starts),
 so the quickstart doubles as a tour of the jobs.
+
+The whole run fits `--budget-minutes` (10 by default), whatever the machine: training gets what
+is left of the budget after the data and before a reserve for segmentation, evaluation and
+overlays, as `jobs.train --max-minutes`, which measures the step time over its first steps and
+plans how many steps fit, with the learning-rate schedule set over them. A slower machine trains
+fewer steps, on a complete schedule; one too slow for the shortest useful schedule says how long
+it would need, and still ends in time. `summary.json` records the budget, the plan, the measured
+images/s and the AP, so that two machines' runs compare.
 
 A second run on the same workdir resumes: finished steps are skipped and training continues from
 its last checkpoint. `--fresh` starts clean.
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,6 +45,7 @@ from mrcnn.images import decode_image
 from mrcnn.overlay import draw_instances
 from mrcnn.rle import rle_to_mask
 from mrcnn.shapes import generate_shapes
+from pipeline.metrics import METRICS_FILE, read_history
 from pipeline.ray_runtime import ray_session
 
 STEPS = 6
@@ -43,6 +53,12 @@ OVERLAY_MIN_SCORE = 0.5
 # Segmentation keeps detections down to this score so that the evaluation follows COCO's protocol
 # (AP integrates over the whole precision-recall curve); overlays show only confident ones.
 EVALUATION_SCORE_THRESHOLD = 0.05
+# Of the budget, what training must leave for segmentation, evaluation, overlays and the summary:
+# a fixed part (the segmentation job's Ray Data start-up, its actor's model load) and a part per
+# validation image. On the 2-core sandbox these steps took 11 s for 200 images (BENCHMARKS.md);
+# the reserve allows a machine twice as slow, or busier, to still end in time.
+RESERVE_FIXED_S = 20.0
+RESERVE_PER_VAL_IMAGE_S = 0.12
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first instead of resuming")
     parser.add_argument("--use-gpu", action="store_true", help="train and segment on the GPU(s)")
     parser.add_argument(
+        "--budget-minutes", type=bounded(float, 0.0, above=True), default=10.0,
+        help="wall-clock budget of the whole run; training takes the steps that fit (default 10)",
+    )  # fmt: skip
+    parser.add_argument(
         "--train-images", type=bounded(int, 8), default=1200, help="synthetic training images (default 1200)"
     )
     parser.add_argument(
         "--val-images", type=bounded(int, 4), default=200, help="synthetic validation images (default 200)"
     )
-    parser.add_argument("--epochs", type=bounded(int, 1), default=5, help="training epochs (default 5)")
+    parser.add_argument(
+        "--epochs", type=bounded(int, 1), default=30,
+        help="at most this many training epochs; the budget decides how many steps (default 30)",
+    )  # fmt: skip
     parser.add_argument(
         "--num-workers", type=bounded(int, 1), default=2, help="Ray Train workers (default 2)"
     )
@@ -70,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = _process_start_time()
     args = build_parser().parse_args(argv)
+    budget_s = args.budget_minutes * 60
+    reserve_s = RESERVE_FIXED_S + RESERVE_PER_VAL_IMAGE_S * args.val_images
     workdir = os.path.abspath(args.workdir)
     if args.fresh and os.path.exists(workdir):
         shutil.rmtree(workdir)
@@ -80,23 +106,48 @@ def main(argv: list[str] | None = None) -> int:
         + (" (finished steps are skipped; --fresh starts over)" if resuming else ""),
         flush=True,
     )
+    print(
+        f"quickstart: budget {args.budget_minutes:g} min, to end by {_clock(started + budget_s)}; "
+        f"training takes what is left after the data, keeping {reserve_s:.0f} s for segmentation, "
+        f"evaluation and overlays",
+        flush=True,
+    )
     paths = _Paths(workdir)
-    started = time.monotonic()
 
     _step(1, "synthetic shapes: training set", lambda: _shapes(paths.train, args.train_images, seed=1))
     _step(2, "synthetic shapes: validation set", lambda: _shapes(paths.val, args.val_images, seed=2))
     with ray_session():
-        _step(3, "training with Ray Train", lambda: _run(train_job.main, _train_argv(args, paths)))
+        train_until = started + budget_s - reserve_s
+        _step(3, "training with Ray Train", lambda: _train(args, paths, train_until))
         _step(
             4, "bulk segmentation with Ray Data", lambda: _run(segment_job.main, _segment_argv(args, paths))
         )
     _step(5, "COCO evaluation of the Parquet output", lambda: _run(evaluate_job.main, _evaluate_argv(paths)))
     _step(6, "overlays", lambda: _draw_overlays(paths, args.overlays))
 
-    summary = _summary(paths, time.monotonic() - started)
+    summary = _summary(paths, time.time() - started, args)
     storage.write_bytes(paths.summary, json.dumps(summary, indent=2).encode())
     print(_report(summary, paths))
     return 0
+
+
+def _process_start_time() -> float:
+    """Unix time this process started: the budget counts Python's start-up and imports too (3-10 s
+    on 2 cores). Where /proc does not say, now."""
+    now = time.time()
+    try:
+        with open("/proc/self/stat") as file:
+            ticks = int(file.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as file:
+            boot = next(int(line.split()[1]) for line in file if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return now
+    return started if now - 600 < started <= now else now
+
+
+def _clock(unix: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix))
 
 
 class _Paths:
@@ -134,6 +185,32 @@ def _run(main: Callable[[list[str]], int], argv: list[str]) -> str:
     if code != 0:
         raise SystemExit(f"quickstart: {module} failed with exit code {code}; see its message above")
     return "done"
+
+
+def _train(args: argparse.Namespace, paths: _Paths, train_until: float) -> str:
+    # At least a few seconds: a model must come out even when the data took the whole budget
+    # (the calibration steps are the fewest a budget trains).
+    minutes = max(0.01, (train_until - time.time()) / 60)
+    _run(train_job.main, _train_argv(args, paths) + ["--max-minutes", f"{minutes:.2f}"])
+    plan = _training_plan(paths)
+    if plan is not None and plan["short_by_s"] > 0:
+        return _too_slow(plan, args.budget_minutes)
+    return "done"
+
+
+def _too_slow(plan: dict, budget_minutes: float) -> str:
+    """One line: the budget this machine would need for the shortest useful schedule."""
+    needed = math.ceil(budget_minutes + plan["short_by_s"] / 60)
+    return (
+        f"this machine is too slow for the shortest useful schedule ({plan['min_steps']} steps at "
+        f"{plan['seconds_per_step']:.2f} s/step) in {budget_minutes:g} min: it would need "
+        f"--budget-minutes {needed}; trained {plan['steps']} steps to end in time (expect a low AP)"
+    )
+
+
+def _training_plan(paths: _Paths) -> dict | None:
+    history = read_history(os.path.join(paths.run, METRICS_FILE))
+    return history[-1].get("plan") if history else None
 
 
 def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
@@ -206,12 +283,21 @@ def _draw_overlays(paths: _Paths, count: int) -> str:
     return f"{len(rows)} overlays in {paths.overlays}"
 
 
-def _summary(paths: _Paths, seconds: float) -> dict:
+def _summary(paths: _Paths, seconds: float, args: argparse.Namespace) -> dict:
     with open(paths.evaluation) as file:
         evaluation = json.load(file)
     with open(os.path.join(paths.segments, "_SUCCESS.json")) as file:
         segmentation = json.load(file)
+    history = read_history(os.path.join(paths.run, METRICS_FILE))
+    trained_images = sum(epoch["images"] for epoch in history)
+    trained_seconds = sum(epoch["seconds"] for epoch in history)
     return {
+        "budget_minutes": args.budget_minutes,
+        "plan": history[-1].get("plan") if history else None,
+        "steps": history[-1].get("step") if history else None,
+        "planned_steps": history[-1].get("planned_steps") if history else None,
+        "epochs": len(history),
+        "train_images_per_second": trained_images / trained_seconds if trained_seconds else None,
         "segm_AP": evaluation["segm"]["AP"],
         "bbox_AP": evaluation["bbox"]["AP"],
         "segm_AP50": evaluation["segm"]["AP50"],
@@ -220,6 +306,7 @@ def _summary(paths: _Paths, seconds: float) -> dict:
         "errors": segmentation["errors"],
         "instances": segmentation["instances"],
         "segment_images_per_second": segmentation.get("images_per_second"),
+        # This run's seconds: a resumed run counts only what it did itself.
         "seconds": round(seconds, 1),
         "workdir": paths.workdir,
         "model": paths.model,
@@ -228,8 +315,15 @@ def _summary(paths: _Paths, seconds: float) -> dict:
 
 
 def _report(summary: dict, paths: _Paths) -> str:
+    plan = summary["plan"]
+    trained = (
+        f"  trained {summary['steps']} steps of {summary['planned_steps']} planned at "
+        f"{summary['train_images_per_second'] or 0:.1f} images/s"
+        + (f"; {_too_slow(plan, summary['budget_minutes'])}" if plan and plan["short_by_s"] > 0 else "")
+    )
     return f"""
-quickstart finished in {summary["seconds"]:.0f} s
+quickstart finished in {summary["seconds"]:.0f} s (budget {summary["budget_minutes"] * 60:.0f} s)
+{trained}
   validation AP (COCO, 0..1): segm {summary["segm_AP"]:.3f}  bbox {summary["bbox_AP"]:.3f}  \
 segm AP50 {summary["segm_AP50"]:.3f}  AP75 {summary["segm_AP75"]:.3f}
   segmented {summary["images_segmented"]} images ({summary["errors"]} errors, {summary["instances"]} \

@@ -12,13 +12,17 @@ images/s, validation COCO AP; see `pipeline.metrics`), TensorBoard event files u
 `OUTPUT/tensorboard/` and at the end `OUTPUT/model/` (`weights.pt` and `model.json`), which
 `jobs.segment` and `jobs.evaluate` load. Re-running the same command on the
 same OUTPUT resumes from the latest checkpoint, or with a larger `--epochs` trains on from it; a
-finished run is not trained again. With `RAY_ADDRESS` set the job runs on that cluster; otherwise
+finished run is not trained again. `--max-minutes 30` plans, from the step time measured over the
+first steps, how many steps fit in 30 minutes and runs a complete learning-rate schedule over
+them (for preemptible nodes, or a promise of time); `--max-steps N` stops the run and its
+schedule at step N. With `RAY_ADDRESS` set the job runs on that cluster; otherwise
 on a local Ray of `--num-cpus` CPUs.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
@@ -129,6 +133,18 @@ def build_parser() -> OneLineParser:
         help=f"passes over the training set (default {DEFAULTS.epochs})",
     )
     optim.add_argument(
+        "--max-steps", type=bounded(int, 1), default=None,
+        help="end the run, and its learning-rate schedule, after this many optimizer steps, within "
+        "an epoch if need be (default: all epochs)",
+    )
+    optim.add_argument(
+        "--max-minutes", type=bounded(float, 0.0, above=True), default=None,
+        help="time budget from the job's start: the step time measured over the first steps plans "
+        "how many steps (at most the epochs' and --max-steps) end in time, and the schedule is set "
+        "over them; a re-run resumes the plan and re-plans the rest against its own budget "
+        "(default: no budget)",
+    )
+    optim.add_argument(
         "--batch-size", type=bounded(int, 1), default=DEFAULTS.batch_size,
         help=f"images per worker and step (default {DEFAULTS.batch_size})",
     )
@@ -189,6 +205,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # --max-minutes counts from here, start-up included
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.val_annotations is None) != (args.val_images is None):
@@ -229,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         max_failures=args.max_failures,
         seed=args.seed,
         resource_timeout_s=args.resource_timeout,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
     )
     if args.trainable_backbone_layers is not None and job.backbone_start == "none" and not job.init_weights:
         # torchvision's builders warn the same way and train every stage.
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             check_init_weights(job, len(train_data.categories) + 1)
         identity = RunIdentity(job.preset, job.roi_op, job.mask_loss, train_data.categories)
         resumed = claim_output(job.output, identity)
-        if resumed and is_complete(job):
+        if resumed and is_complete(job, len(train_data.images)):
             print(
                 f"train: {job.output} is already complete ({completed_epochs(job)} epochs, "
                 f"model in {storage.join(job.output, 'model')}); nothing to do"
@@ -272,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 marker = check_local_paths({"--output": job.output}, readable).get("--output")
             outcome = run_training(
-                job, train_data, val_data, joined_cluster=session.joined_cluster, output_marker=marker
+                job,
+                train_data,
+                val_data,
+                joined_cluster=session.joined_cluster,
+                output_marker=marker,
+                started=started,
             )
     except SharedStorageError as error:
         print(f"train: error: {error}", file=sys.stderr)

@@ -5,7 +5,9 @@ One JSON object per line, told apart by `kind`:
   epochs too): `epoch` (1-based), `step` (optimizer steps done in the run), `loss` and the five
   loss terms (`LOSS_NAMES`, means over the epoch's steps and workers), `lr` (at the end of the
   epoch), `images`, `seconds`, `images_per_second` (all workers together), `data_wait_seconds`
-  (time a worker spent waiting for its next batch, mean over workers), and with a validation set
+  (time a worker spent waiting for its next batch, mean over workers), `planned_steps` (the
+  length of the learning-rate schedule), under a time budget `plan` (`pipeline.budget.Plan` as a
+  dict) and `expected_end` (Unix time the last step should end), and with a validation set
   `bbox` and `segm`, each COCOeval's 12 stats by name (`mrcnn.evaluation.STAT_NAMES`);
 - `"step"`, one every `--log-every` steps: `step`, `epoch` (the one in progress), the loss terms
   averaged over the steps since the previous record and over workers, `lr`, `images_per_second`
@@ -22,6 +24,7 @@ since, never a record of a step or epoch that was lost.
 from __future__ import annotations
 
 import json
+import time
 
 from mrcnn import storage
 
@@ -59,6 +62,10 @@ def format_epoch(metrics: dict, epochs: int) -> str:
         f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.3f} ({terms}) "
         f"lr {metrics['lr']:.5f} {metrics['images_per_second']:.2f} images/s"
     )
+    if "planned_steps" in metrics:
+        line += f" step {metrics['step']}/{metrics['planned_steps']}"
+    if "expected_end" in metrics:
+        line += f" (ends about {time.strftime('%H:%M:%S', time.localtime(metrics['expected_end']))})"
     return line + format_ap(metrics)
 
 

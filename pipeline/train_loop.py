@@ -41,6 +41,7 @@ from mrcnn.categories import Category
 from mrcnn.precision import autocast
 from mrcnn.transfer import shared_labels, transferred_state
 from mrcnn.weights import TORCHVISION_PREFIX, read_state_dict, torchvision_categories
+from pipeline.budget import Schedule, TimeBudget
 from pipeline.checkpoints import load_state, save_state
 from pipeline.metrics import LOSS_NAMES, format_ap, format_epoch, format_step, write_history
 from pipeline.shared_storage import StorageMarker
@@ -100,6 +101,8 @@ class LoopConfig:
     fail_after_epoch: int | None = None
     fail_after_step: int | None = None
     output_marker: StorageMarker | None = None
+    max_steps: int | None = None
+    time_budget: TimeBudget | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -108,7 +111,9 @@ class LoopConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        """The most optimizer steps the run may take: its epochs', or `max_steps` if fewer."""
+        total = max(1, self.epochs * self.steps_per_epoch)
+        return total if self.max_steps is None else min(total, self.max_steps)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
@@ -120,16 +125,21 @@ def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torc
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def lr_factor(step: int, config: LoopConfig) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    total = max(1, config.epochs * config.steps_per_epoch)
+def lr_factor(step: int, config: LoopConfig, total: int | None = None) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total` steps.
+
+    `total` defaults to `config.total_steps`; a time budget passes the planned steps. The warm-up
+    takes at most a quarter of the schedule, so a short plan still decays.
+    """
+    total = max(1, total or config.total_steps)
     progress = min(step, total) / total
     if config.lr_schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         decay = 0.1 ** sum(progress >= milestone for milestone in STEP_MILESTONES)
-    if step < config.warmup_iters:
-        decay *= WARMUP_START + (1.0 - WARMUP_START) * step / config.warmup_iters
+    warmup = min(config.warmup_iters, max(1, total // 4))
+    if step < warmup:
+        decay *= WARMUP_START + (1.0 - WARMUP_START) * step / warmup
     return decay
 
 
@@ -152,7 +162,9 @@ class _Run:
     """One worker's share of a run: the model, optimizer and schedule, and where the run stands.
 
     `step` counts optimizer steps of the whole run, `epoch_step` those of the epoch in progress;
-    `history` (rank 0) is what `metrics.jsonl` holds. All three travel in every checkpoint.
+    `history` (rank 0) is what `metrics.jsonl` holds; `schedule` is the learning-rate schedule's
+    length, planned against the time budget if there is one (`pipeline.budget`). All four travel
+    in every checkpoint. The run ends at the schedule's last step, within an epoch if need be.
     """
 
     def __init__(self, config: LoopConfig, ground_truth: dict | None) -> None:
@@ -181,10 +193,18 @@ class _Run:
         self.ddp_model = ray.train.torch.prepare_model(model)
 
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        self.schedule = Schedule(
+            config.total_steps,
+            budget=config.time_budget,
+            resumed=None if state is None else state.get("schedule"),
+            min_steps=4 * config.warmup_iters,
+            images_per_step=config.batch_size * ray.train.get_context().get_world_size(),
+            announce=self.rank == 0,
+        )
         # A closure, not an object: LambdaLR saves an object's fields in its state_dict and would
-        # bring back the old schedule when a run resumes with more epochs.
+        # bring back the old schedule when a run resumes with more epochs or a new plan.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, config)
+            self.optimizer, lambda step: lr_factor(step, config, self.schedule.steps)
         )
         # fp16 needs loss scaling (torchvision's reference); disabled, the scaler passes through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -199,6 +219,7 @@ class _Run:
             self.epoch_step = int(state.get("epoch_step", 0))
             self.history = list(state["history"])
         self.start_step = self.step
+        self.schedule.start(first_step=self.step)
 
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = None
@@ -215,8 +236,10 @@ class _Run:
     def train(self) -> None:
         config = self.config
         for epoch in range(self.epochs_done + 1, config.epochs + 1):
+            if self.step >= self.schedule.steps:
+                break
             metrics = self._train_epoch(epoch)
-            record = {"kind": "epoch", "epoch": epoch, "step": self.step, **metrics}
+            record = {"kind": "epoch", "epoch": epoch, **metrics, **self.schedule.record(self.step)}
             if config.validate:
                 started = time.perf_counter()
                 stats = self._validate()
@@ -265,7 +288,7 @@ class _Run:
             sums += row
             self.window += row
             paused += self._after_step(epoch)
-            if limit is not None and taken >= limit:
+            if (limit is not None and taken >= limit) or self.step >= self.schedule.steps:
                 break
         sums, seconds, workers = _reduce(sums, time.perf_counter() - started - paused, self.device)
         return _means(sums, seconds, workers) | {"lr": self.scheduler.get_last_lr()[0]}
@@ -287,6 +310,8 @@ class _Run:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # Before the scheduler steps, so that the next step's learning rate follows a new plan.
+        self.schedule.after_step(self.step + 1, self.device)
         self.scheduler.step()
         self.step += 1
         self.epoch_step += 1
@@ -295,11 +320,12 @@ class _Run:
 
     def _after_step(self, epoch: int) -> float:
         """Log, validate and checkpoint as the step count says; returns the seconds spent on the
-        last two (not training time). At an epoch's last step the epoch's end does those."""
+        last two (not training time). At an epoch's last step, and the schedule's, the epoch's end
+        does those."""
         config = self.config
         if config.log_every and self.step % config.log_every == 0:
             self._log_step(epoch)
-        if self.epoch_step >= config.steps_per_epoch:
+        if self.epoch_step >= config.steps_per_epoch or self.step >= self.schedule.steps:
             return 0.0
         started = time.perf_counter()
         if config.validate and config.validate_every and self.step % config.validate_every == 0:
@@ -336,7 +362,7 @@ class _Run:
             scalars = {f"train/{k}": record[k] for k in ("loss", *LOSS_NAMES, "lr", "images_per_second")}
             self.tensorboard.scalars(self.step, scalars)
             self.tensorboard.flush()
-        print(f"train: {format_step(record, self.config.total_steps, self.config.epochs)}", flush=True)
+        print(f"train: {format_step(record, self.schedule.steps, self.config.epochs)}", flush=True)
 
     def _validate(self) -> dict | None:
         """COCO stats of the model on the validation set, on rank 0 (None elsewhere); a collective."""
@@ -380,11 +406,18 @@ class _Run:
                         "step": self.step,
                         "epoch_step": self.epoch_step,
                         "history": self.history,
+                        "schedule": self.schedule.record(self.step),
                         "config": json.dumps(asdict(self.config)),
                     },
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            metrics = {"epoch": self.epochs_done, "step": self.step, **summary}
+            metrics = {
+                "epoch": self.epochs_done,
+                "step": self.step,
+                "planned_steps": self.schedule.steps,
+                "budgeted": self.schedule.plan is not None,
+                **summary,
+            }
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 

@@ -23,6 +23,13 @@ scale from zero holds only its head then):
 - Ray Train retries a worker group that cannot be placed every 60 s and, by default, forever; the
   run gives up after `resource_timeout_s` with one line instead.
 
+Time and step budgets: `max_steps` ends the run (and its learning-rate schedule) after that many
+steps, mid-epoch if need be; `max_minutes` plans the steps that fit in that many minutes from the
+job's start at the step time the workers measure (`pipeline.budget`), the final checkpoint and the
+export included. Either way the schedule is complete: warm-up, then decay to zero at the last
+step. The plan travels in the checkpoints, so a re-run resumes it; a run is finished when its
+schedule is.
+
 Fault injection for tests: `MRCNN_TRAIN_FAIL_AFTER_EPOCH=k` in the driver's environment makes
 the rank-0 worker process exit right after it has checkpointed epoch k (only in a run that did
 not start from epoch k or later), as if it had been killed; `MRCNN_TRAIN_FAIL_AFTER_STEP=k` does
@@ -34,12 +41,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from mrcnn import build_model, storage
 from mrcnn.backbone import default_backbone_weights, ensure_imagenet_weights, trainable_layers
 from mrcnn.coco import CocoDataset
 from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
+from pipeline.budget import CALIBRATION_STEPS, TimeBudget
 from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
 from pipeline.metrics import METRICS_FILE, read_history
 from pipeline.ray_compat import (
@@ -69,6 +78,9 @@ DEFAULT_RESOURCE_TIMEOUT_S = 1200.0
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 # Checkpoints kept in storage; older ones are deleted by Ray Train as new ones are reported.
 KEEP_CHECKPOINTS = 2
+# Of a `max_minutes` budget, the seconds left after the last step for the final checkpoint, Ray
+# Train stopping its workers and the export of the model.
+FINISH_RESERVE_S = 10.0
 MODEL_NAME = "model"
 # Ray Train routes `print` in its workers to a logger and also tees it when stdout is redirected,
 # which prints our epoch lines twice and lets pycocotools' output through `evaluate_coco`'s
@@ -114,6 +126,8 @@ class TrainJob:
     max_failures: int = 0
     seed: int = 0
     resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
+    max_steps: int | None = None
+    max_minutes: float | None = None
 
     @property
     def backbone_start(self) -> str:
@@ -145,10 +159,36 @@ def completed_epochs(job: TrainJob) -> int:
     return int(history[-1]["epoch"]) if history else 0
 
 
-def is_complete(job: TrainJob) -> bool:
-    """True when the output already holds a model exported after at least `job.epochs` epochs."""
+def steps_per_epoch(job: TrainJob, num_images: int) -> int:
+    """Optimizer steps of one epoch: Ray Data splits the rows equally (each worker must run as
+    many DDP steps as the others), and the last batch of a worker's share may be short."""
+    return max(1, math.ceil(num_images // job.num_workers / job.batch_size))
+
+
+def schedule_finished(job: TrainJob, last: dict, epoch_steps: int) -> bool:
+    """Whether the run whose last epoch record or checkpoint report is `last` has nothing left
+    to train for `job`.
+
+    A run planned by a time budget is finished when its planned schedule is, if `job` still asks
+    for a budget; otherwise when it took the steps that `job`'s epochs and `max_steps` ask for
+    (so a re-run with more epochs trains on). Records older than step counts count in epochs.
+    """
+    step = int(last.get("step", int(last["epoch"]) * epoch_steps))
+    if job.max_minutes is not None and (last.get("budgeted") or "plan" in last):
+        return step >= int(last["planned_steps"])
+    wanted = job.epochs * epoch_steps
+    return step >= (wanted if job.max_steps is None else min(wanted, job.max_steps))
+
+
+def is_complete(job: TrainJob, num_images: int) -> bool:
+    """True when the output already holds a model exported after its schedule finished."""
+    history = read_history(storage.join(job.output, METRICS_FILE))
     model_spec = storage.join(job.output, MODEL_NAME, SPEC_FILE)
-    return completed_epochs(job) >= job.epochs and storage.exists(model_spec)
+    return (
+        bool(history)
+        and schedule_finished(job, history[-1], steps_per_epoch(job, num_images))
+        and storage.exists(model_spec)
+    )
 
 
 def check_init_weights(job: TrainJob, num_classes: int) -> None:
@@ -174,12 +214,14 @@ def run_training(
     *,
     joined_cluster: bool = False,
     output_marker: StorageMarker | None = None,
+    started: float | None = None,
 ) -> TrainOutcome:
     """Train (or resume) with Ray Train, then export the model. Ray must be initialised.
 
     `joined_cluster`: the Ray is a cluster the job joined (see `pipeline.ray_runtime.RaySession`);
     `output_marker`: for a local output on a cluster, the marker each worker must see
-    (`pipeline.shared_storage`).
+    (`pipeline.shared_storage`); `started`: the Unix time `job.max_minutes` counts from (default:
+    now).
     """
     import ray
     from ray.train import (
@@ -194,9 +236,11 @@ def run_training(
 
     from pipeline.train_data import training_dataset, validation_dataset
 
+    started = time.time() if started is None else started
     filesystem, path = storage.resolve(job.output)
+    epoch_steps = steps_per_epoch(job, len(train_data.images))
     previous = _latest_checkpoint(filesystem, path)
-    if previous is not None and previous[1] >= job.epochs:
+    if previous is not None and schedule_finished(job, previous[2], epoch_steps):
         print(f"train: {job.output} already holds {previous[1]} trained epochs; exporting its model")
         return _finish(job, train_data, previous[0], previous[1], trained=False, metrics=None)
     if previous is not None:
@@ -213,9 +257,6 @@ def run_training(
         )
     cpus_per_worker = job.cpus_per_worker or default_worker_cpus(job.num_workers, job.use_gpu)
     _warn_if_too_small(job, cpus_per_worker)
-    # Ray Data splits the rows equally (each worker must run as many DDP steps as the others).
-    rows_per_worker = len(train_data.images) // job.num_workers
-    steps_per_epoch = max(1, math.ceil(rows_per_worker / job.batch_size))
     total_batch = job.num_workers * job.batch_size
     fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
     fail_after_step = os.environ.get(FAIL_AFTER_STEP_ENV)
@@ -232,9 +273,9 @@ def run_training(
         lr=base_lr(job) * total_batch / REFERENCE_BATCH,
         momentum=job.momentum,
         weight_decay=job.weight_decay,
-        warmup_iters=min(job.warmup_iters, max(1, job.epochs * steps_per_epoch // 4)),
+        warmup_iters=job.warmup_iters,
         lr_schedule=job.lr_schedule,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=epoch_steps,
         amp=job.amp,
         torch_threads=max(1, round(cpus_per_worker)),
         seed=job.seed,
@@ -251,6 +292,10 @@ def run_training(
         fail_after_epoch=int(fail_after) if fail_after else None,
         fail_after_step=int(fail_after_step) if fail_after_step else None,
         output_marker=output_marker,
+        max_steps=job.max_steps,
+        time_budget=None
+        if job.max_minutes is None
+        else TimeBudget(started=started, seconds=job.max_minutes * 60, reserve_s=FINISH_RESERVE_S),
     )
     datasets = {"train": training_dataset(train_data, exif_orientation=job.exif_orientation)}
     if val_data is not None:
@@ -287,10 +332,15 @@ def run_training(
     )
     print(
         f"train: {job.num_workers} workers x {job.batch_size} images, {cpus_per_worker:g} CPUs"
-        f"{' + 1 GPU' if job.use_gpu else ''} each, lr {config.lr:g}, {steps_per_epoch} steps/epoch, "
+        f"{' + 1 GPU' if job.use_gpu else ''} each, lr {config.lr:g}, {epoch_steps} steps/epoch, "
         f"{len(train_data.images)} training images; the Ray cluster has "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
     )
+    if job.max_minutes is not None:
+        print(
+            f"train: budget {job.max_minutes:g} min: the step time measured over the first "
+            f"{CALIBRATION_STEPS} steps plans how many of at most {config.total_steps} fit"
+        )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
@@ -343,7 +393,8 @@ def export_model(checkpoint, job: TrainJob, train_data: CocoDataset) -> str:
 
 
 def _latest_checkpoint(filesystem, path: str):
-    """(checkpoint, epoch) of the latest checkpoint Ray Train recorded under `path`, or None."""
+    """(checkpoint, epoch, reported metrics) of the latest checkpoint Ray Train recorded under
+    `path`, or None."""
     from ray.train import Result
 
     run_path = storage.join(path, CHECKPOINTS_NAME)
@@ -353,7 +404,7 @@ def _latest_checkpoint(filesystem, path: str):
         return None
     if result.checkpoint is None:
         return None
-    return result.checkpoint, int(result.metrics["epoch"])
+    return result.checkpoint, int(result.metrics["epoch"]), result.metrics
 
 
 def default_worker_cpus(num_workers: int, use_gpu: bool) -> float:

@@ -28,6 +28,7 @@ from mrcnn.coco import read_coco
 from mrcnn.model_folder import load_model
 from mrcnn.shapes import generate_shapes
 from mrcnn.weights import WeightsError
+from pipeline.budget import CALIBRATION_STEPS
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output, load_state
 from pipeline.metrics import LOSS_NAMES, format_epoch, read_history, write_history
 from pipeline.train_data import TrainingCollate, decode_training_batch
@@ -335,6 +336,39 @@ def test_rerun_resumes_from_the_last_checkpoint_and_a_finished_run_is_not_retrai
     assert "already complete" in capsys.readouterr().out
     assert os.path.getmtime(f"{output}/model/model.json") == exported
     assert len(read_history(f"{output}/metrics.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_max_steps_and_a_time_budget_end_the_schedule_at_the_last_planned_step(
+    ray_local, local_data, tmp_path, capsys
+):
+    """`--max-steps` ends the run within an epoch; `--max-minutes` shorter than the start-up trains
+    the calibration steps only. Either way the learning rate reaches 0 at the last planned step,
+    the plan is in metrics.jsonl, and a re-run of the same command has nothing left to do."""
+    annotations, images = local_data  # 8 images, 2 workers x 2: 2 steps per epoch
+    base = ["--train-annotations", annotations, "--train-images", images, *TRAIN_FLAGS]
+
+    output = str(tmp_path / "steps")
+    argv = [*base, "--output", output, "--epochs", "2", "--max-steps", "3"]
+    assert train_job.main(argv) == 0
+    history = read_history(f"{output}/metrics.jsonl")
+    assert [(e["epoch"], e["step"], e["planned_steps"]) for e in history] == [(1, 2, 3), (2, 3, 3)]
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and history[0]["lr"] > 0
+    capsys.readouterr()
+    assert train_job.main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+
+    output = str(tmp_path / "budget")
+    argv = [*base, "--output", output, "--epochs", "8", "--max-minutes", "0.01"]
+    assert train_job.main(argv) == 0
+    last = read_history(f"{output}/metrics.jsonl")[-1]
+    assert last["step"] == last["planned_steps"] == last["plan"]["steps"] == CALIBRATION_STEPS < 16
+    assert last["plan"]["short_by_s"] > 0 and last["plan"]["seconds_per_step"] > 0
+    assert last["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert os.path.exists(f"{output}/model/model.json")
+    capsys.readouterr()
+    assert train_job.main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
 
 
 @pytest.mark.slow
