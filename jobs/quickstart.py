@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow.dataset as pads
+import torch
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
@@ -43,6 +44,7 @@ from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
 from mrcnn.images import decode_image
 from mrcnn.overlay import draw_instances
+from mrcnn.precision import PRECISIONS, native_bf16
 from mrcnn.rle import rle_to_mask
 from mrcnn.shapes import generate_shapes
 from pipeline.metrics import METRICS_FILE, read_history
@@ -86,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=bounded(int, 1), default=2, help="Ray Train workers (default 2)"
     )
     parser.add_argument("--preset", default="small", help="model preset (default small)")
+    parser.add_argument(
+        "--amp", choices=("auto", *PRECISIONS), default="auto",
+        help="training precision; auto is bf16 where the GPU or CPU computes bf16 natively (AMX, "
+        "AVX-512 BF16), else off (default auto)",
+    )  # fmt: skip
     parser.add_argument(
         "--overlays", type=bounded(int, 0), default=6, help="overlay PNGs to draw (default 6)"
     )
@@ -232,7 +239,15 @@ def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
         "--lr", "0.004",
         "--warmup-iters", "50",
     ]  # fmt: skip
-    return argv + (["--use-gpu", "--amp"] if args.use_gpu else [])
+    return argv + ["--amp", training_precision(args)] + (["--use-gpu"] if args.use_gpu else [])
+
+
+def training_precision(args: argparse.Namespace) -> str:
+    """`--amp` resolved: "auto" is bf16 on a device that computes it natively (BENCHMARKS.md,
+    "Speed changes for the 10-minute budget": more steps in the budget, same AP per step)."""
+    if args.amp != "auto":
+        return args.amp
+    return "bf16" if native_bf16(torch.device("cuda" if args.use_gpu else "cpu")) else "off"
 
 
 def _segment_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
@@ -293,6 +308,7 @@ def _summary(paths: _Paths, seconds: float, args: argparse.Namespace) -> dict:
     trained_seconds = sum(epoch["seconds"] for epoch in history)
     return {
         "budget_minutes": args.budget_minutes,
+        "amp": training_precision(args),
         "plan": history[-1].get("plan") if history else None,
         "steps": history[-1].get("step") if history else None,
         "planned_steps": history[-1].get("planned_steps") if history else None,
