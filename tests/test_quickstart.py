@@ -11,9 +11,7 @@ import sys
 
 import pyarrow.dataset as pads
 import pytest
-import torch
 
-from mrcnn.precision import native_bf16
 from pipeline.budget import CALIBRATION_STEPS
 from pipeline.metrics import read_history
 
@@ -47,8 +45,8 @@ def test_quickstart_produces_summary_model_masks_and_overlays_then_resumes(tmp_p
         assert isinstance(summary[key], kind), key
     assert 0.0 <= summary["segm_AP"] <= 1.0 and 0.0 <= summary["bbox_AP"] <= 1.0
     assert summary["budget_minutes"] == 1.0
-    # --amp auto: bf16 where this CPU computes it natively, float32 elsewhere.
-    assert summary["amp"] == ("bf16" if native_bf16(torch.device("cpu")) else "off")
+    # --amp auto trains in float32 on a CPU, even one with native bf16 (BENCHMARKS.md).
+    assert summary["amp"] == "off"
     assert summary["train_images_per_second"] > 0
     plan = summary["plan"]
     assert 0 < summary["planned_steps"] == plan["steps"] <= 24 and plan["seconds_per_step"] > 0
