@@ -51,9 +51,7 @@ def padded_pixels(sizes: Sequence[tuple[int, int]], size_divisible: int = SIZE_D
     return len(sizes) * height * width
 
 
-def padding_waste(
-    groups: Sequence[Sequence[tuple[int, int]]], size_divisible: int = SIZE_DIVISIBLE
-) -> float:
+def padding_waste(groups: Sequence[Sequence[tuple[int, int]]], size_divisible: int = SIZE_DIVISIBLE) -> float:
     """Fraction (0..1) of the pixels of the padded batch tensors of `groups` that are padding.
 
     Each group is the input sizes (h, w) of one forward; 0.0 when there are no pixels at all.
