@@ -66,7 +66,7 @@ def photos(
         scale = short_side / min(crop_h, crop_w)
         size = (round(crop_w * scale), round(crop_h * scale))
         image = Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.Resampling.BICUBIC)
-        result.append(np.asarray(image))
+        result.append(np.array(image))
     return result
 
 
