@@ -24,9 +24,10 @@ then checks the output (`pipeline.output_check.summarize`): rows, errors, instan
 appears twice. Exactly-once and resume are described in `pipeline.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
-would decode on the inference actor; the actors' runtime environment (their `OMP_NUM_THREADS`)
-differs from the decode tasks', which keeps decoding on CPU tasks (an undocumented rule, listed
-in `pipeline.ray_compat`).
+would decode on the inference actor. GPU actors and the default multi-CPU actors of a local Ray
+differ from the decode tasks in resources, which keeps decoding on CPU tasks by Ray Data's
+documented rule; for one-CPU actors the actors' runtime environment (their `OMP_NUM_THREADS`)
+does it, an undocumented rule listed in `pipeline.ray_compat`.
 """
 
 from __future__ import annotations
