@@ -1,34 +1,36 @@
-"""Bulk segmentation throughput: `jobs.segment` end to end against the bare model loop.
+"""Bulk segmentation throughput: `jobs.segment` as a user types it, against a bare loop and Ray's docs.
 
-    .venv/bin/python benchmarks/segment_throughput.py [--preset small] [--num-images 600] [--size 256]
-        [--batch-size 8] [--score-threshold 0.05] [--rounds 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/segment_throughput.py [--images shapes|photos]
+        [--preset small] [--num-images 600] [--size 256] [--batch-size 8] [--score-threshold 0.05]
+        [--rounds 2] [--no-docs-pipeline]
 
-Both paths segment the same generated shapes images (`--size` px PNGs) with the same random model
-of `--preset`, all on this machine's CPUs:
-(a) the bare loop, one process, torch on every core: read and decode each image, batched forward
-    with `paste_masks = False`, `mrcnn.rle.masks_to_rle` per image; nothing else (no output);
-(b) `python -m jobs.segment` as a user runs it, on a local Ray started by the job: listing,
-    decode tasks, one inference actor given every core but one (and as many torch threads), RLE
-    and Parquet commits on tasks, the output check and `_SUCCESS.json`. Its time is the job's
-    own (`_SUCCESS.json` seconds: from the listing to the summary, actor start-up included, Ray
-    start-up not).
-Ray's CPUs are logical: the local Ray gets one CPU more than the machine has, so that the actor can
-use every core while the short decode and RLE tasks share them. The two paths take turns for
-`--rounds` rounds and each keeps its best round, which damps the noise of a shared machine.
+The same images, the same random model of `--preset`, all on this machine's CPUs:
+(a) the bare loop, one process, torch on every core: read and decode each image, shrink it to
+    the model's input size, batched forward with `paste_masks = False`, `mrcnn.rle.masks_to_rle`
+    per image; nothing else (no output). Timed from its first read, the model already loaded.
+(b) `python -m jobs.segment --input ... --output ... --model ... --batch-size B
+    --score-threshold T` with no other flag: the whole command, timed as a subprocess (Python and
+    Ray start-up, listing, actor start, inference, RLE and Parquet commits, the output check and
+    `_SUCCESS.json`).
+(c) `benchmarks/ray_docs_pipeline.py`, what Ray's batch-inference documentation leads a user to
+    write (`read_images` -> `map_batches` with a callable class, default actor resources ->
+    pycocotools RLE of the pasted masks -> `write_parquet`), also the whole command.
+`--images shapes`: generated shapes PNGs of `--size` px (256 by default). `--images photos`: JPEGs
+of the photos scikit-image ships (`mrcnn.photos`), landscape and portrait, shorter side `--size`
+(800 by default, the R50 presets' `min_size`).
 
-The job pays a fixed start-up the bare loop does not (the actor's process, its torch and
-torchvision imports and the model load, about 7 s on 2 cores, while the first decode workers
-start beside it). Each round therefore also runs the job on the first quarter of the images: the
-difference of the two runs' seconds is the job's time for the other three quarters, start-up
-cancelled, which gives its steady-state rate, what a job over millions of images sees. Both ratios
-are printed; the last line is the end-to-end ratio b/a at `--num-images`.
+The job pays a fixed start-up the bare loop does not (Ray's, the actor's process with its torch
+and torchvision imports and the model load). Each round therefore also runs the job on the first
+quarter of the images: the difference of the two runs' seconds is the job's time for the other
+three quarters, start-up cancelled, which gives its steady-state rate, what a job over millions of
+images sees. The paths take turns for `--rounds` rounds and each keeps its best round, which damps
+the noise of a shared machine. The last line gives the ratios: job/bare end to end (the whole
+command) and job/docs pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import os
 import subprocess
 import sys
@@ -37,96 +39,129 @@ import time
 
 import torch
 
+from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
 from mrcnn.images import decode_image
 from mrcnn.model import build_model
 from mrcnn.model_folder import load_model, save_model_folder, spec_for
+from mrcnn.presets import PRESETS
 from mrcnn.rle import masks_to_rle
 from mrcnn.shapes import CATEGORIES, generate_shapes
+from pipeline.decode import shrink_to_model_size
+
+DOCS_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_docs_pipeline.py")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segment_throughput.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", choices=("shapes", "photos"), default="shapes")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="small")
+    parser.add_argument("--num-images", type=bounded(int, 8), default=600)
+    parser.add_argument("--size", type=bounded(int, 32), default=None, help="default: 256 shapes, 800 photos")
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=8)
+    parser.add_argument("--score-threshold", type=bounded(float, 0.0, 1.0), default=0.05)
+    parser.add_argument("--rounds", type=bounded(int, 1), default=2)
+    parser.add_argument("--no-docs-pipeline", action="store_true", help="skip baseline (c)")
+    return parser
 
 
 def bare_loop(model_dir: str, paths: list[str], batch_size: int, score_threshold: float) -> float:
-    """Images per second of decode -> batched forward -> RLE in this process."""
+    """Images per second of decode -> shrink -> batched forward -> RLE in this process."""
     torch.set_num_threads(os.cpu_count() or 1)
-    model, _ = load_model(model_dir)
+    model, spec = load_model(model_dir)
     model.paste_masks = False
     model.score_threshold = score_threshold
     start = time.perf_counter()
     for first in range(0, len(paths), batch_size):
+        decoded = [decode_image(storage.read_bytes(path)) for path in paths[first : first + batch_size]]
         images = [
-            torch.from_numpy(decode_image(storage.read_bytes(path))).permute(2, 0, 1).float() / 255
-            for path in paths[first : first + batch_size]
-        ]
+            torch.from_numpy(shrink_to_model_size(pixels, spec.min_size, spec.max_size)).permute(2, 0, 1)
+            .float() / 255
+            for pixels in decoded
+        ]  # fmt: skip
         with torch.inference_mode():
             predictions = model(images)
-        for image, prediction in zip(images, predictions, strict=True):
-            masks_to_rle(prediction["mask_probs"], prediction["boxes"], image.shape[1], image.shape[2])
+        for pixels, image, prediction in zip(decoded, images, predictions, strict=True):
+            scale = torch.tensor([pixels.shape[1] / image.shape[2], pixels.shape[0] / image.shape[1]] * 2)
+            masks_to_rle(prediction["mask_probs"], prediction["boxes"] * scale, *pixels.shape[:2])
     return len(paths) / (time.perf_counter() - start)
 
 
-def segment_job(
-    model_dir: str, images: str, output: str, batch_size: int, score_threshold: float, limit: int
-) -> float:
-    """Seconds `jobs.segment` took for the first `limit` images, as `_SUCCESS.json` reports them."""
-    cores = os.cpu_count() or 1
-    command = [
+def whole_command(command: list[str], output: str) -> float:
+    """Seconds `command` took, start to exit; its output folder must hold Parquet files then."""
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+    seconds = time.perf_counter() - start
+    if not any(path.endswith(".parquet") for path in storage.iter_files(output)):
+        raise RuntimeError(f"{command[:3]} wrote no Parquet file into {output}")
+    return seconds
+
+
+def job_command(model_dir: str, images: str, output: str, args: argparse.Namespace, limit: int) -> list[str]:
+    """`jobs.segment` with the flags a user must give, and no tuning flag."""
+    return [
         sys.executable, "-m", "jobs.segment", "--input", images, "--output", output,
-        "--model", model_dir, "--batch-size", str(batch_size), "--limit", str(limit),
-        "--score-threshold", str(score_threshold),
-        "--cpus-per-actor", str(cores), "--num-cpus", str(cores + 1),
+        "--model", model_dir, "--batch-size", str(args.batch_size), "--limit", str(limit),
+        "--score-threshold", str(args.score_threshold),
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(storage.read_bytes(storage.join(output, "_SUCCESS.json")))["seconds"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--num-images", type=int, default=600)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--score-threshold", type=float, default=0.05)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = args.size or (256 if args.images == "shapes" else 800)
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         model = build_model(args.preset, len(CATEGORIES) + 1)
         model_dir = os.path.join(folder, "model")
         save_model_folder(model, spec_for(model, CATEGORIES), model_dir)
-        shapes = generate_shapes(os.path.join(folder, "shapes"), args.num_images, seed=0, size=args.size)
-        paths = sorted(storage.iter_files(shapes.images_root))
+        images = os.path.join(folder, "images")
+        if args.images == "shapes":
+            images = generate_shapes(images, args.num_images, seed=0, size=size).images_root
+        else:
+            from mrcnn.photos import write_photos
 
-        quarter = max(1, args.num_images // 4)
-        bare = job = steady = 0.0
+            write_photos(images, args.num_images, short_side=size)
+        paths = sorted(storage.iter_files(images))
+        quarter = max(1, len(paths) // 4)
+
+        bare = job = steady = docs = 0.0
         start_up = float("inf")
-        run = functools.partial(
-            segment_job, model_dir, shapes.images_root, batch_size=args.batch_size,
-            score_threshold=args.score_threshold,
-        )  # fmt: skip
         for round_ in range(args.rounds):
             bare = max(bare, bare_loop(model_dir, paths, args.batch_size, args.score_threshold))
-            whole = run(os.path.join(folder, f"all-{round_}"), limit=len(paths))
-            part = run(os.path.join(folder, f"part-{round_}"), limit=quarter)
+            out = os.path.join(folder, f"all-{round_}")
+            whole = whole_command(job_command(model_dir, images, out, args, len(paths)), out)
+            out = os.path.join(folder, f"part-{round_}")
+            part = whole_command(job_command(model_dir, images, out, args, quarter), out)
             job = max(job, len(paths) / whole)
             rate = (len(paths) - quarter) / (whole - part)
             steady = max(steady, rate)
             start_up = min(start_up, part - quarter / rate)
+            if not args.no_docs_pipeline:
+                out = os.path.join(folder, f"docs-{round_}")
+                command = [
+                    sys.executable, DOCS_PIPELINE, images, out, model_dir,
+                    "--batch-size", str(args.batch_size), "--score-threshold", str(args.score_threshold),
+                ]  # fmt: skip
+                docs = max(docs, len(paths) / whole_command(command, out))
             print(
                 f"round {round_ + 1}: best bare {bare:.2f}, job {job:.2f} end to end, "
-                f"{steady:.2f} steady state images/s",
+                f"{steady:.2f} steady state, docs pipeline {docs:.2f} images/s",
                 flush=True,
             )
         print(
-            f"{args.num_images} images of {args.size} px, preset {args.preset}, batch {args.batch_size}, "
-            f"{os.cpu_count()} cores"
+            f"{len(paths)} {args.images} of {size} px, preset {args.preset}, batch {args.batch_size}, "
+            f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the end"
         )
-        print(f"bare loop: {bare:.2f} images/s")
-        print(f"jobs.segment, end to end: {job:.2f} images/s")
-        print(f"jobs.segment, steady state: {steady:.2f} images/s (fixed start-up about {start_up:.1f} s)")
-        print(f"steady-state ratio: {steady / bare:.2f}")
-        print(f"ratio: {job / bare:.2f}")
+        print(f"(a) bare loop: {bare:.2f} images/s")
+        print(f"(b) jobs.segment, default flags, the whole command: {job:.2f} images/s")
+        print(f"    steady state: {steady:.2f} images/s (fixed start-up about {start_up:.1f} s)")
+        if docs:
+            print(f"(c) Ray docs pipeline, the whole command: {docs:.2f} images/s")
+        ratios = f"ratio job/bare: {job / bare:.2f} end to end, {steady / bare:.2f} steady state"
+        print(ratios + (f"; job/docs pipeline: {job / docs:.2f}" if docs else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpus-per-actor",
         type=bounded(float, 0.0, above=True),
-        default=1.0,
-        help="CPUs per inference actor, and its torch threads (default 1)",
+        default=None,
+        help="CPUs per inference actor, and its torch threads (default: on a local Ray, its CPUs "
+        "but one shared among the actors, which leaves one for decode and RLE tasks; on a "
+        "cluster or with GPUs, 1)",
     )
     parser.add_argument(
         "--score-threshold",
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-cpus",
         type=bounded(int, 1),
         default=None,
-        help="CPUs of the local Ray started when RAY_ADDRESS is not set (default: all)",
+        help="logical CPUs of the local Ray started when RAY_ADDRESS is not set (default: the "
+        "machine's cores plus one, so that decode tasks run beside actors that use every core)",
     )
     return parser
 
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if notice:
         print(f"segment: note: {notice}", file=sys.stderr)
 
+    from pipeline.actor_sizing import local_ray_cpus
     from pipeline.ray_runtime import ray_session
     from pipeline.segment import SegmentConfig, SegmentError, run_segmentation
     from pipeline.shared_storage import SharedStorageError, check_local_paths
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         job=job,
     )
     try:
-        with ray_session(num_cpus=args.num_cpus) as session:
+        with ray_session(num_cpus=args.num_cpus or local_ray_cpus()) as session:
             if session.joined_cluster:
                 markers = check_local_paths(
                     {"--output": args.output}, {"--input": args.input, "--model": args.model}

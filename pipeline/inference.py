@@ -14,6 +14,10 @@ reserved, on purpose. On a GPU the forward runs under bf16 autocast, with pixel 
 An actor that Ray gave a GPU but that sees no CUDA device fails to start, with one line naming
 its node and the cause (`pipeline.gpu.require_cuda`), instead of running on the CPU.
 
+Images of both orientations in one batch would pad to a square of the larger sides; when that
+wastes enough pixels the batch runs as one forward per orientation (`mrcnn.batching`), and the
+rows come out in their input order all the same.
+
 Error rows (from decode) pass through untouched, with no detections.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mrcnn.batching import input_size, orientation_groups
 from mrcnn.model_folder import load_model
 from mrcnn.precision import autocast
 from pipeline.gpu import require_cuda
@@ -36,16 +41,27 @@ class Segmenter:
         num_threads: torch CPU threads of this actor (the CPUs it reserved).
         use_gpu: run on CUDA with bf16 autocast (the actor was given a GPU); no CUDA device here
             is an error (`pipeline.gpu.GpuUnavailableError`), not a fallback to the CPU.
+        group_by_orientation: run landscape and portrait images as separate forwards when that
+            saves padded pixels (`mrcnn.batching.orientation_groups`); False: one forward per batch.
     """
 
-    def __init__(self, model_uri: str, score_threshold: float, num_threads: int, use_gpu: bool):
+    def __init__(
+        self,
+        model_uri: str,
+        score_threshold: float,
+        num_threads: int,
+        use_gpu: bool,
+        group_by_orientation: bool = True,
+    ):
         torch.set_num_threads(max(1, num_threads))
         if use_gpu:
             require_cuda()
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model, _ = load_model(model_uri, device=self.device)
+        self.model, spec = load_model(model_uri, device=self.device)
         self.model.paste_masks = False
         self.model.score_threshold = score_threshold
+        self.min_size, self.max_size = spec.min_size, spec.max_size
+        self.group_by_orientation = group_by_orientation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add the detections of each row of a decoded batch (see `pipeline.decode.decode_batch`).
@@ -65,9 +81,7 @@ class Segmenter:
         rows = [row for row in range(count) if not batch["error"][row]]
         if rows:
             images = [self._tensor(batch["image"][row]) for row in rows]
-            precision = "bf16" if self.device.type == "cuda" else "off"
-            with torch.inference_mode(), autocast(self.device, precision):
-                predictions = self.model(images)
+            predictions = self._predict(images)
             for row, image, prediction in zip(rows, images, predictions, strict=True):
                 order = torch.argsort(prediction["scores"], descending=True, stable=True)
                 # The model saw the image at its input size; boxes go back to the displayed size.
@@ -90,6 +104,20 @@ class Segmenter:
             "labels": labels,
             "mask_probs": mask_probs,
         }
+
+    def _predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The model's predictions for `images` (float32[3, h, w] each), in their order."""
+        groups = [list(range(len(images)))]
+        if self.group_by_orientation:
+            sizes = [input_size(*image.shape[1:], self.min_size, self.max_size) for image in images]
+            groups = orientation_groups(sizes)
+        predictions: list[dict[str, torch.Tensor]] = [{}] * len(images)
+        precision = "bf16" if self.device.type == "cuda" else "off"
+        with torch.inference_mode(), autocast(self.device, precision):
+            for group in groups:
+                for index, prediction in zip(group, self.model([images[i] for i in group]), strict=True):
+                    predictions[index] = prediction
+        return predictions
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8[h, w, 3] -> float32[3, h, w] in 0..1 on the model's device."""

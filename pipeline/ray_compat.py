@@ -54,10 +54,14 @@ DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
 
 # 6. Ray Data 2.60 fuses a task `map_batches` into the actor `map_batches` that follows it when
 # their resources and runtime environments match, which would decode images on the inference
-# actor (serially, on the accelerator's host process). The actor stage sets its torch threads
-# through `OMP_NUM_THREADS` in its runtime env, which also keeps the stages apart; Ray Data's docs
-# do not promise this rule. `tests/test_segment.py::test_decoding_runs_on_tasks_not_on_the_
-# inference_actor` fails if an upgrade changes it. Watch: ray-project/ray `python/ray/data/
+# actor (serially, on the accelerator's host process). Ray Data's docs promise only that operators
+# with compatible resource requirements are fused: a GPU actor, or a CPU actor of more than one
+# CPU (the default on a local Ray of 2+ cores, `pipeline.actor_sizing`), differs from the decode
+# tasks' one CPU and stays apart by that documented rule. A one-CPU CPU actor (on a cluster by
+# default) does not: there the actor's runtime env (`OMP_NUM_THREADS`, which Ray would set to the
+# same value) is what keeps the stages apart, and Ray Data's docs do not promise that.
+# `tests/test_segment.py::test_decoding_runs_on_tasks_not_on_the_inference_actor` (one-CPU actors)
+# fails if an upgrade changes it. Watch: ray-project/ray `python/ray/data/
 # _internal/logical/rules/operator_fusion.py`.
 
 

@@ -8,7 +8,8 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
    the model's input size, and turn bad files into error rows.
 3. `Segmenter` (`pipeline.inference`): an actor pool, fixed (`actors=(N, N)`) or autoscaling
    (`(MIN, MAX)`), each actor loading the model once, with `cpus_per_actor` CPUs (and as many torch
-   threads) and `gpus_per_actor` GPUs. On a cluster the job joined, the GPUs are requested
+   threads; by default every CPU of a local Ray but one, `pipeline.actor_sizing`) and
+   `gpus_per_actor` GPUs. On a cluster the job joined, the GPUs are requested
    whatever the cluster holds at the start, so that an autoscaler launches GPU nodes; on a Ray of
    the job's own they are requested only when the machine has GPUs (`pipeline.gpu`). The job waits
    at most `resource_timeout_s` for the first `MIN` actors (Ray Data's `wait_for_min_actors_s`),
@@ -23,9 +24,10 @@ then checks the output (`pipeline.output_check.summarize`): rows, errors, instan
 appears twice. Exactly-once and resume are described in `pipeline.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
-would decode on the inference actor; the actors' runtime environment (their `OMP_NUM_THREADS`)
-differs from the decode tasks', which keeps decoding on CPU tasks (an undocumented rule, listed
-in `pipeline.ray_compat`).
+would decode on the inference actor. GPU actors and the default multi-CPU actors of a local Ray
+differ from the decode tasks in resources, which keeps decoding on CPU tasks by Ray Data's
+documented rule; for one-CPU actors the actors' runtime environment (their `OMP_NUM_THREADS`)
+does it, an undocumented rule listed in `pipeline.ray_compat`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import ray
 
 from mrcnn.model_folder import load_spec
 from pipeline import output
+from pipeline.actor_sizing import actor_cpus
 from pipeline.decode import decode_batch
 from pipeline.done_set import committed_path_hashes
 from pipeline.gpu import GpuUnavailableError, gpus_to_request
@@ -79,7 +82,8 @@ class SegmentConfig:
     batch_size: int = 4
     actors: tuple[int, int] = (1, 1)
     gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0
+    # None: `pipeline.actor_sizing.actor_cpus` chooses.
+    cpus_per_actor: float | None = None
     score_threshold: float = 0.5
     max_pixels: int = 100_000_000
     rows_per_file: int = 256
@@ -148,16 +152,17 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
     gpus = gpus_to_request(
         config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
     )
-    threads = max(1, int(config.cpus_per_actor))
     low, high = config.actors
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus - low * config.cpus_per_actor < 1:
+    cpus_per_actor = actor_cpus(config.cpus_per_actor, cpus, low, gpus, config.joined_cluster)
+    threads = max(1, int(cpus_per_actor))
+    if cpus - low * cpus_per_actor < 1:
         logger.warning(
             "%d inference actors of %g CPUs leave less than one of the cluster's %g CPUs for the "
             "decode and RLE tasks: the job waits until the cluster grows (a local Ray: raise "
             "--num-cpus, Ray's CPUs are logical; or lower --cpus-per-actor / --actors)",
             low,
-            config.cpus_per_actor,
+            cpus_per_actor,
             cpus,
         )
     dataset = ray.data.read_datasource(
@@ -187,7 +192,7 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=config.cpus_per_actor,
+        num_cpus=cpus_per_actor,
         num_gpus=gpus or None,
         runtime_env=unfused_actor_runtime_env(threads),
     )
@@ -223,7 +228,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     except ray.exceptions.GetTimeoutError as error:
         raise SegmentError(
             f"the cluster gave no room for {config.actors[0]} inference actor(s) of "
-            f"{config.cpus_per_actor:g} CPUs{_gpu_text(config)} within {config.resource_timeout_s:g} s: "
+            f"{_cpu_text(config)} CPUs{_gpu_text(config)} within {config.resource_timeout_s:g} s: "
             f"no node has them free and none was added (an autoscaler without a node type that "
             f"fits, or at its max_workers); lower --actors/--cpus-per-actor/--gpus-per-actor or "
             f"add such nodes (Ray: {one_line(error)})"
@@ -254,6 +259,14 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     if not summary.duplicate_paths:
         output.write_success(config.output_uri, report.to_dict())
     return report
+
+
+def _cpu_text(config: SegmentConfig) -> str:
+    gpus = gpus_to_request(
+        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
+    )
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return f"{actor_cpus(config.cpus_per_actor, cpus, config.actors[0], gpus, config.joined_cluster):g}"
 
 
 def _gpu_text(config: SegmentConfig) -> str:
