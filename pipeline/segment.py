@@ -149,12 +149,9 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
 
 def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
-    gpus = gpus_to_request(
-        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
-    )
+    cpus_per_actor, gpus = _actor_resources(config)
     low, high = config.actors
     cpus = ray.cluster_resources().get("CPU", 0)
-    cpus_per_actor = actor_cpus(config.cpus_per_actor, cpus, low, gpus, config.joined_cluster)
     threads = max(1, int(cpus_per_actor))
     if cpus - low * cpus_per_actor < 1:
         logger.warning(
@@ -228,7 +225,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     except ray.exceptions.GetTimeoutError as error:
         raise SegmentError(
             f"the cluster gave no room for {config.actors[0]} inference actor(s) of "
-            f"{_cpu_text(config)} CPUs{_gpu_text(config)} within {config.resource_timeout_s:g} s: "
+            f"{_resources_text(config)} within {config.resource_timeout_s:g} s: "
             f"no node has them free and none was added (an autoscaler without a node type that "
             f"fits, or at its max_workers); lower --actors/--cpus-per-actor/--gpus-per-actor or "
             f"add such nodes (Ray: {one_line(error)})"
@@ -261,16 +258,17 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     return report
 
 
-def _cpu_text(config: SegmentConfig) -> str:
-    gpus = gpus_to_request(
-        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
+def _actor_resources(config: SegmentConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) each inference actor asks for, from the flags and what the cluster holds."""
+    resources = ray.cluster_resources()
+    gpus = gpus_to_request(config.gpus_per_actor, config.joined_cluster, resources.get("GPU", 0))
+    cpus = actor_cpus(
+        config.cpus_per_actor, resources.get("CPU", 0), config.actors[0], gpus, config.joined_cluster
     )
-    cpus = ray.cluster_resources().get("CPU", 0)
-    return f"{actor_cpus(config.cpus_per_actor, cpus, config.actors[0], gpus, config.joined_cluster):g}"
+    return cpus, gpus
 
 
-def _gpu_text(config: SegmentConfig) -> str:
-    gpus = gpus_to_request(
-        config.gpus_per_actor, config.joined_cluster, ray.cluster_resources().get("GPU", 0)
-    )
-    return f" and {gpus:g} GPU" if gpus else ""
+def _resources_text(config: SegmentConfig) -> str:
+    """`2 CPUs and 1 GPU`: what one inference actor asks for."""
+    cpus, gpus = _actor_resources(config)
+    return f"{cpus:g} CPUs" + (f" and {gpus:g} GPU" if gpus else "")
