@@ -18,9 +18,11 @@ from pipeline.budget import (
     TimeBudget,
     plan_steps,
 )
+from pipeline.loop_config import LoopConfig
 from pipeline.metrics import LOSS_NAMES, format_epoch
-from pipeline.train_loop import LoopConfig, lr_factor
-from pipeline.trainer import TrainJob, schedule_finished, steps_per_epoch
+from pipeline.optimizer import lr_factor
+from pipeline.train_job import TrainJob, steps_per_epoch
+from pipeline.train_output import schedule_finished
 
 
 def test_plan_takes_the_steps_that_fit_what_is_left_of_the_budget():
@@ -123,7 +125,7 @@ def test_a_resumed_schedule_keeps_its_plan_until_it_re_plans_and_records_it(caps
 def _config(**changes) -> LoopConfig:
     fields = dict(
         preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
-        epochs=5, batch_size=4, optimizer="adamw", lr=0.002, momentum=0.9, weight_decay=0.0,
+        epochs=5, batch_size=4, optimizer="adamw", peak_lr=0.002, momentum=0.9, weight_decay=0.0,
         warmup_iters=50, lr_schedule="cosine", steps_per_epoch=150, amp="off", torch_threads=1, seed=0,
         init_weights=None, metrics_uri="", validate=False,
     )  # fmt: skip

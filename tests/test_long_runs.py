@@ -22,10 +22,11 @@ from mrcnn.coco import read_coco
 from mrcnn.evaluation import evaluate_coco
 from mrcnn.model_folder import load_model
 from pipeline.checkpoints import load_state
+from pipeline.fault_injection import FAIL_AFTER_STEP_ENV
 from pipeline.metrics import LOSS_NAMES, read_history, read_records, read_steps, write_history
 from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.train_data import ValidationCollate, decode_validation_batch
-from pipeline.trainer import FAIL_AFTER_STEP_ENV, evaluation_ground_truth
+from pipeline.trainer import evaluation_ground_truth
 from pipeline.validation import detect
 
 

@@ -30,10 +30,12 @@ from mrcnn.shapes import generate_shapes
 from mrcnn.weights import WeightsError
 from pipeline.budget import CALIBRATION_STEPS
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output, load_state
+from pipeline.fault_injection import FAIL_AFTER_EPOCH_ENV
+from pipeline.loop_config import LoopConfig
 from pipeline.metrics import LOSS_NAMES, format_epoch, read_history, write_history
+from pipeline.optimizer import lr_factor
 from pipeline.train_data import TrainingCollate, decode_training_batch
-from pipeline.train_loop import LoopConfig, initialise_from, lr_factor, set_training_mode
-from pipeline.trainer import FAIL_AFTER_EPOCH_ENV
+from pipeline.weight_init import initialise_from, set_training_mode
 
 # Shapes' category ids 1..4 become these, so the dataset has gaps as COCO does.
 GAPPED_IDS = {1: 3, 2: 7, 3: 8, 4: 12}
@@ -197,8 +199,8 @@ def _decode(uri: str) -> np.ndarray:
 def _config() -> LoopConfig:
     return LoopConfig(
         preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
-        epochs=2, batch_size=2, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=10,
-        lr_schedule="cosine", steps_per_epoch=50, amp="off", torch_threads=1, seed=0,
+        epochs=2, batch_size=2, optimizer="sgd", peak_lr=0.01, momentum=0.9, weight_decay=0.0,
+        warmup_iters=10, lr_schedule="cosine", steps_per_epoch=50, amp="off", torch_threads=1, seed=0,
         init_weights=None, metrics_uri="", validate=False,
     )
 
