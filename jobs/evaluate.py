@@ -169,24 +169,10 @@ def _to_stored(row: dict, orientation: int) -> dict:
     return {**row, "width": width, "height": height, "boxes": boxes.tolist(), "masks": masks}
 
 
-def read_ground_truth(annotations_uri: str) -> dict:
-    """The COCO dict to score against: what `read_coco` keeps, as training's validation does.
-
-    Degenerate annotations (counted in one warning by `read_coco`) are left out; some of them,
-    such as a 4-number polygon that pycocotools reads as a box, would make COCOeval fail.
-    """
-    dataset = read_coco(annotations_uri, images_root="")
-    return {
-        "images": dataset.ground_truth["images"],
-        "categories": dataset.ground_truth["categories"],
-        "annotations": [annotation for record in dataset.images for annotation in record.annotations],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ground_truth = read_ground_truth(args.annotations)
+        ground_truth = read_coco(args.annotations, images_root="").evaluation_ground_truth()
         detections, counts = read_detections(
             args.predictions, ground_truth, args.images_root, args.exif_orientation
         )

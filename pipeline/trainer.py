@@ -195,11 +195,12 @@ def run_training(
             datasets[f"val_{part}"] = validation_dataset(
                 val_data, part=part, parts=val_parts, exif_orientation=job.exif_orientation
             )
+    val_ground_truth = val_data.evaluation_ground_truth() if val_data is not None else None
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=cuda_checked_torch_config() if job.use_gpu else None,
-        train_loop_config={"config": config, "val_ground_truth": evaluation_ground_truth(val_data)},
+        train_loop_config={"config": config, "val_ground_truth": val_ground_truth},
         scaling_config=ScalingConfig(
             num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
         ),
@@ -247,22 +248,6 @@ def run_training(
         raise TrainingError("training reported no checkpoint")
     epochs = int(result.metrics["epoch"])
     return _finish(job, train_data, result.checkpoint, epochs, trained=True, metrics=result.metrics)
-
-
-def evaluation_ground_truth(dataset: CocoDataset | None) -> dict | None:
-    """The COCO dict validation AP is computed against: the annotations `read_coco` kept.
-
-    Degenerate annotations are left out of the ground truth as they are left out of training;
-    some of them (a 4-number polygon, which pycocotools reads as a box) would make pycocotools
-    fail.
-    """
-    if dataset is None:
-        return None
-    return {
-        "images": dataset.ground_truth["images"],
-        "categories": dataset.ground_truth["categories"],
-        "annotations": [a for record in dataset.images for a in record.annotations],
-    }
 
 
 def _finish(job, train_data, checkpoint, epochs, *, trained, metrics) -> TrainOutcome:
