@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from jobs.cli import OneLineParser
 from mrcnn import storage
 from mrcnn.coco import CocoError, read_coco
-from mrcnn.evaluation import detections_from_prediction, evaluate_coco, format_summary
+from mrcnn.evaluation import detections_from_prediction, evaluate_coco_with_summary
 from mrcnn.images import ORIENTATIONS
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored, stored_size
 
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             f"no row; their objects count as missed",
             file=sys.stderr,
         )
-    stats = evaluate_coco(ground_truth, detections)
-    print(format_summary(stats))
+    stats, summary = evaluate_coco_with_summary(ground_truth, detections)
+    print(summary)
     if args.json:
         try:
             storage.write_bytes(args.json, (json.dumps(stats, indent=2) + "\n").encode())
