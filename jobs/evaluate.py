@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from jobs.cli import OneLineParser
 from mrcnn import storage
 from mrcnn.coco import CocoError, read_coco
-from mrcnn.evaluation import detections_from_prediction, evaluate_coco, format_summary
+from mrcnn.evaluation import detections_from_prediction, evaluate_coco_with_summary
 from mrcnn.images import ORIENTATIONS
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored, stored_size
 
@@ -169,24 +169,10 @@ def _to_stored(row: dict, orientation: int) -> dict:
     return {**row, "width": width, "height": height, "boxes": boxes.tolist(), "masks": masks}
 
 
-def read_ground_truth(annotations_uri: str) -> dict:
-    """The COCO dict to score against: what `read_coco` keeps, as training's validation does.
-
-    Degenerate annotations (counted in one warning by `read_coco`) are left out; some of them,
-    such as a 4-number polygon that pycocotools reads as a box, would make COCOeval fail.
-    """
-    dataset = read_coco(annotations_uri, images_root="")
-    return {
-        "images": dataset.ground_truth["images"],
-        "categories": dataset.ground_truth["categories"],
-        "annotations": [annotation for record in dataset.images for annotation in record.annotations],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ground_truth = read_ground_truth(args.annotations)
+        ground_truth = read_coco(args.annotations, images_root="").evaluation_ground_truth()
         detections, counts = read_detections(
             args.predictions, ground_truth, args.images_root, args.exif_orientation
         )
@@ -204,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             f"no row; their objects count as missed",
             file=sys.stderr,
         )
-    stats = evaluate_coco(ground_truth, detections)
-    print(format_summary(stats))
+    stats, summary = evaluate_coco_with_summary(ground_truth, detections)
+    print(summary)
     if args.json:
         try:
             storage.write_bytes(args.json, (json.dumps(stats, indent=2) + "\n").encode())

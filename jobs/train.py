@@ -35,15 +35,9 @@ from mrcnn.presets import PRESETS
 from mrcnn.weights import WeightsError
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
 from pipeline.ray_compat import RayCompatError, check_ray_version
-from pipeline.trainer import (
-    DEFAULT_LR,
-    TrainingError,
-    TrainJob,
-    check_backbone_weights,
-    check_init_weights,
-    completed_epochs,
-    is_complete,
-)
+from pipeline.train_job import DEFAULT_LR, REFERENCE_BATCH, TrainJob
+from pipeline.train_output import completed_epochs, is_complete
+from pipeline.trainer import TrainingError, check_backbone_weights, check_init_weights
 
 DEFAULTS = TrainJob(train_annotations="", train_images="", output="")
 
@@ -154,12 +148,12 @@ def build_parser() -> OneLineParser:
     )
     optim.add_argument(
         "--lr", type=bounded(float, 0.0, above=True), default=None,
-        help="peak learning rate for a total batch of 16 images, scaled linearly to num-workers x "
-        f"batch-size (default {DEFAULT_LR['sgd']} with sgd, {DEFAULT_LR['adamw']} with adamw)",
+        help=f"peak learning rate for a total batch of {REFERENCE_BATCH} images, scaled linearly to "
+        f"num-workers x batch-size (default {DEFAULT_LR['sgd']} with sgd, {DEFAULT_LR['adamw']} with adamw)",
     )
     optim.add_argument(
         "--momentum", type=bounded(float, 0.0, 1.0), default=DEFAULTS.momentum,
-        help=f"SGD momentum, or AdamW's beta1 (default {DEFAULTS.momentum})",
+        help=f"SGD momentum; with --optimizer adamw, AdamW's beta1 (default {DEFAULTS.momentum})",
     )
     optim.add_argument(
         "--weight-decay", type=bounded(float, 0.0), default=DEFAULTS.weight_decay,
@@ -228,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
-        lr=args.lr,
+        lr_per_16_images=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters,

@@ -3,8 +3,9 @@
 Imports no Ray: everything here runs in a plain Python process.
 
 The names below load on first use (PEP 562): `from mrcnn import storage` in a Ray decode or
-listing task must not pay torchvision's import (about 1.4 s of CPU on top of torch's 1.9 s here,
-per worker process), which on a small machine competes with the inference actor's start-up.
+listing task must not pay torchvision's import in every worker process, which on a small machine
+competes with the inference actor's start-up (figures in BENCHMARKS.md, "Bulk segmentation
+against the bare model loop").
 """
 
 from __future__ import annotations

@@ -92,6 +92,20 @@ class CocoDataset:
             for record in self.images
         ]
 
+    def evaluation_ground_truth(self) -> dict:
+        """The COCO dict AP is computed against (validation and `jobs.evaluate` alike): the
+        images, the categories and only the annotations `read_coco` kept.
+
+        Degenerate annotations are left out of the ground truth as they are left out of training;
+        some of them (a 4-number polygon, which pycocotools reads as a box) would make COCOeval
+        fail.
+        """
+        return {
+            "images": self.ground_truth["images"],
+            "categories": self.ground_truth["categories"],
+            "annotations": [annotation for record in self.images for annotation in record.annotations],
+        }
+
 
 def read_coco(annotations_uri: str, images_root: str) -> CocoDataset:
     """Read a COCO instances JSON; image `file_name`s are relative to `images_root`.

@@ -2,8 +2,9 @@
 
 Training (validation AP) and the evaluate job both use it: `detections_from_prediction` turns one
 image's model output into COCO result dicts, `evaluate_coco` scores a list of them against a COCO
-instances dict and returns COCOeval's 12 summary stats per IoU type, and `format_summary` prints
-them the way COCOeval does. pycocotools prints as it works; that output is swallowed here.
+instances dict and returns COCOeval's 12 summary stats per IoU type, and
+`evaluate_coco_with_summary` also returns the summary lines COCOeval itself printed. pycocotools
+prints as it works; that output is swallowed here.
 """
 
 from __future__ import annotations
@@ -24,23 +25,6 @@ if TYPE_CHECKING:
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
 
-# What each of COCOeval's stats averages over (precision or recall, IoU, area range, max detections),
-# in `STAT_NAMES` order, for `format_summary`.
-_STAT_MEANING = (
-    ("Average Precision", "(AP)", "0.50:0.95", "all", 100),
-    ("Average Precision", "(AP)", "0.50", "all", 100),
-    ("Average Precision", "(AP)", "0.75", "all", 100),
-    ("Average Precision", "(AP)", "0.50:0.95", "small", 100),
-    ("Average Precision", "(AP)", "0.50:0.95", "medium", 100),
-    ("Average Precision", "(AP)", "0.50:0.95", "large", 100),
-    ("Average Recall", "(AR)", "0.50:0.95", "all", 1),
-    ("Average Recall", "(AR)", "0.50:0.95", "all", 10),
-    ("Average Recall", "(AR)", "0.50:0.95", "all", 100),
-    ("Average Recall", "(AR)", "0.50:0.95", "small", 100),
-    ("Average Recall", "(AR)", "0.50:0.95", "medium", 100),
-    ("Average Recall", "(AR)", "0.50:0.95", "large", 100),
-)
-
 # The fields COCOeval reads from a result for each IoU type. A segm result keeps no bbox: given
 # one, pycocotools takes the box area, not the mask area, for the small/medium/large ranges
 # (Detectron2's COCOEvaluator drops it for the same reason).
@@ -55,6 +39,15 @@ def evaluate_coco(
     detections: Sequence[dict],
     iou_types: Sequence[str] = IOU_TYPES,
 ) -> dict[str, dict[str, float]]:
+    """COCOeval's 12 stats (`STAT_NAMES`) for each IoU type; see `evaluate_coco_with_summary`."""
+    return evaluate_coco_with_summary(ground_truth, detections, iou_types)[0]
+
+
+def evaluate_coco_with_summary(
+    ground_truth: dict,
+    detections: Sequence[dict],
+    iou_types: Sequence[str] = IOU_TYPES,
+) -> tuple[dict[str, dict[str, float]], str]:
     """COCOeval's 12 stats (`STAT_NAMES`) for each IoU type in `iou_types` ("bbox", "segm").
 
     Args:
@@ -65,10 +58,11 @@ def evaluate_coco(
             images of `ground_truth`. Not modified.
 
     Returns:
-        `{iou_type: {stat_name: value}}`. Every image of `ground_truth` is evaluated, so an image
-        without detections counts its objects as missed; no detections at all give 0. As in
-        COCOeval, a stat is -1 when the ground truth has no object it could count (for example
-        APl without any large object).
+        `({iou_type: {stat_name: value}}, summary)`, where `summary` holds the lines
+        `COCOeval.summarize()` printed, each prefixed by its IoU type. Every image of
+        `ground_truth` is evaluated, so an image without detections counts its objects as missed;
+        no detections at all give 0. As in COCOeval, a stat is -1 when the ground truth has no
+        object it could count (for example APl without any large object).
     """
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
@@ -86,17 +80,20 @@ def evaluate_coco(
         # COCOeval writes into the ground truth's annotations (polygons become RLE, "ignore" flags).
         coco_gt.dataset = copy.deepcopy(ground_truth)
         coco_gt.createIndex()
-        stats = {}
+        stats, summary = {}, []
         for iou_type in iou_types:
             results = [_result(det, index, iou_type) for index, det in enumerate(detections)]
             coco_eval = COCOeval(coco_gt, _load_results(coco_gt, results), iou_type)
             coco_eval.evaluate()
             coco_eval.accumulate()
-            coco_eval.summarize()
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                coco_eval.summarize()
+            summary += [f"{iou_type:<4} {line.strip()}" for line in printed.getvalue().splitlines()]
             stats[iou_type] = {
                 name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats, strict=True)
             }
-    return stats
+    return stats, "\n".join(summary)
 
 
 def _result(detection: dict, index: int, iou_type: str) -> dict:
@@ -120,18 +117,6 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     }
     coco_dt.createIndex()
     return coco_dt
-
-
-def format_summary(stats: dict[str, dict[str, float]]) -> str:
-    """The result of `evaluate_coco` as COCOeval's summary lines, each prefixed by its IoU type."""
-    lines = []
-    for iou_type, values in stats.items():
-        for name, (title, kind, iou, area, max_dets) in zip(STAT_NAMES, _STAT_MEANING, strict=True):
-            lines.append(
-                f"{iou_type:<4} {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6s} | "
-                f"maxDets={max_dets:>3d} ] = {values[name]:0.3f}"
-            )
-    return "\n".join(lines)
 
 
 def detections_from_prediction(

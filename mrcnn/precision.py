@@ -3,8 +3,8 @@
 Under `torch.autocast`, torchvision's detection models compute coordinates in the low precision:
 the anchors take the feature maps' dtype, `BoxCoder.decode_single` casts the reference boxes to
 the deltas' dtype, and the deltas come from a low-precision conv or linear layer. bfloat16 has 8
-bits of mantissa, so at 800x1333 inputs a coordinate is rounded to 4-8 px (median 1.15 px, up to
-14 px measured on the decode step alone). The components here run those steps with autocast
+bits of mantissa, so at 800x1333 inputs a coordinate is rounded to 4-8 px (what that does to
+decoded boxes: BENCHMARKS.md, "Mixed precision"). The components here run those steps with autocast
 disabled on float32 inputs, which costs a few small layers:
 - `Float32AnchorGenerator`: anchors float32[A, 4] xyxy whatever the features' dtype;
 - `Float32BoxCoder`: encode and decode in float32 (proposals, detections, regression targets);

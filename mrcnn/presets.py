@@ -66,7 +66,7 @@ R50_FPN_V2 = Preset(name="r50-fpn-v2", backbone="resnet50", heads="v2")
 # them) and one RoIAlign sample per bin: a 13-64 px object spans 3-16 cells of P2, so a 14 x 14
 # mask bin is under one feature cell and a 2 x 2 grid inside it samples nearly the same point
 # four times (the paper finds RoIAlign insensitive to the number of samples). Together they make a
-# training step 1.86x cheaper on one CPU thread (729 -> 392 ms for 4 images, BENCHMARKS.md).
+# training step much cheaper on a CPU (figures in BENCHMARKS.md, "Training throughput on 2 cores").
 SMALL = Preset(
     name="small",
     backbone="resnet18",

@@ -1,12 +1,13 @@
 """How many training steps fit a time budget: the pure planner and the loop's re-planning clock.
 
-Machines of one nominal size differ by 2x or more in step time, so a run promised in ten minutes
-cannot be a fixed number of epochs. Instead the training measures its own step time during its
-first steps, plans the number of steps that end before the budget does, and sets the learning-rate
-schedule over those steps: a slower machine runs a shorter but complete schedule (warm-up, decay
-to zero) instead of a long one cut short. The plan is re-estimated every `REPLAN_EVERY` steps
-from the average step time so far, so a machine that slows down (or speeds up) mid-run still ends
-on time; each re-plan moves the end of the schedule, never the steps already taken.
+Machines of one nominal size differ widely in step time (figures in BENCHMARKS.md, "Quickstart"),
+so a run promised in ten minutes cannot be a fixed number of epochs. Instead the training
+measures its own step time during its first steps, plans the number of steps that end before the
+budget does, and sets the learning-rate schedule over those steps: a slower machine runs a shorter
+but complete schedule (warm-up, decay to zero) instead of a long one cut short. The plan is
+re-estimated every `REPLAN_EVERY` steps from the average step time so far, so a machine that slows
+down (or speeds up) mid-run still ends on time; each re-plan moves the end of the schedule, never
+the steps already taken.
 
 `plan_steps` is a pure function (step time, budget, fixed costs -> steps); `StepClock` says
 when to re-plan and how fast the steps were; `Schedule` is the schedule's length the training

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrcnn import storage
 from mrcnn.images import ImageDecodeError, decode_image
+from pipeline.read_input import InputMissing, read_input
 
 # The placeholder image of an error row: it keeps the batch's image column one array per row.
 NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
@@ -58,28 +58,6 @@ def decode_batch(
         heights[row], widths[row] = pixels.shape[:2]
         images.append(shrink_to_model_size(pixels, min_size, max_size))
     return {"path": paths, "width": widths, "height": heights, "error": errors, "image": images}
-
-
-_UNREADABLE = {
-    FileNotFoundError: "not found",
-    IsADirectoryError: "a folder, not a file",
-    PermissionError: "permission denied",
-}
-
-
-class InputMissing(Exception):
-    """An input that is not there to read (missing, a folder, or no permission): an error row."""
-
-
-def read_input(uri: str) -> bytes:
-    """The bytes of one input; `InputMissing` when it does not exist or cannot be read at all."""
-    filesystem, path = storage.resolve(uri)
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        reason = next(text for kind, text in _UNREADABLE.items() if isinstance(error, kind))
-        raise InputMissing(f"cannot read: {reason}") from error
 
 
 def model_input_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -71,7 +71,8 @@ def unfused_actor_runtime_env(threads: int) -> dict:
 
 
 # 5. While actors hold a node's CPUs, Ray 2.60 kills an idle task worker a moment after it goes
-# idle, so each short decode task started a new Python process (~3 s of CPU importing torch).
+# idle, so each short decode task started a new Python process that imported torch again
+# (figures in BENCHMARKS.md, "Training throughput on 2 cores").
 # `num_workers_soft_limit` is a Ray system config (C++ `ray_config_def.h`), reached through the
 # private `_system_config` of `ray.init`, or `RAY_num_workers_soft_limit` on `ray start`
 # (cluster.yaml). A renamed key makes `ray.init` fail at once (Ray rejects unknown keys), so it

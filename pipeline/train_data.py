@@ -25,8 +25,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from mrcnn.coco import CocoDataset, build_target
 from mrcnn.images import ImageDecodeError, decode_image
-from pipeline.decode import InputMissing, read_input
 from pipeline.idle_backoff import with_idle_backoff
+from pipeline.read_input import InputMissing, read_input
 
 logger = logging.getLogger("pipeline.train_data")
 

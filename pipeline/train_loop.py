@@ -2,7 +2,8 @@
 
 Every worker builds the same model (same seed) and starts it from, in this order of precedence,
 `ray.train.get_checkpoint()` (after a worker failure, or when the command is re-run on the same
-output), `--init-weights`, or the ImageNet backbone (`mrcnn.backbone`); it then trains on the
+output), `--init-weights` (`pipeline.weight_init`), or the ImageNet backbone (`mrcnn.backbone`);
+it then trains with the optimizer and learning-rate schedule of `pipeline.optimizer` on the
 batches of its own shard of the training dataset (`get_dataset_shard("train")`), under the
 project's autocast policy (`mrcnn.precision`; fp16 with a gradient scaler). Along the way, all
 workers together:
@@ -11,7 +12,7 @@ workers together:
 - every `validate_every` steps and at each epoch's end validate, each worker on its own part of
   the validation images, rank 0 scoring them all (`pipeline.validation`);
 - every `checkpoint_every` steps and at each epoch's end report a checkpoint of rank 0's training
-  state to Ray Train.
+  state to Ray Train (after which a test may have rank 0 exit, `pipeline.fault_injection`).
 
 A run resumed from a checkpoint taken mid-epoch trains that epoch's remaining steps on a new
 pass over the shuffled training set (Ray Data cannot restart a pass at a position): of that one
@@ -23,11 +24,9 @@ number of optimizer steps, and so the learning-rate schedule, is exactly the pla
 from __future__ import annotations
 
 import json
-import math
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import ray.train
 import ray.train.torch
@@ -36,111 +35,21 @@ import torch.distributed as dist
 from ray.train import CheckpointConsistencyMode
 
 from mrcnn import build_model, storage
-from mrcnn.backbone import freeze_backbone, load_imagenet_backbone
-from mrcnn.categories import Category
+from mrcnn.backbone import load_imagenet_backbone
 from mrcnn.precision import autocast
-from mrcnn.transfer import shared_labels, transferred_state
-from mrcnn.weights import TORCHVISION_PREFIX, read_state_dict, torchvision_categories
-from pipeline.budget import Schedule, TimeBudget
+from pipeline import fault_injection
+from pipeline.budget import Schedule
 from pipeline.checkpoints import load_state, save_state
+from pipeline.loop_config import LoopConfig
 from pipeline.metrics import LOSS_NAMES, format_ap, format_epoch, format_step, write_history
-from pipeline.shared_storage import StorageMarker
+from pipeline.optimizer import lr_factor, make_optimizer
 from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.train_data import TrainingCollate, ValidationCollate
 from pipeline.validation import detect, gather_and_score
+from pipeline.weight_init import initialise_from, set_training_mode
 
-# Warm-up starts at this fraction of the learning rate and rises linearly (torchvision's reference).
-WARMUP_START = 0.001
-# "step" schedule: the learning rate drops 10x at these fractions of the run (torchvision's
-# reference drops at epochs 16 and 22 of 26).
-STEP_MILESTONES = (16 / 26, 22 / 26)
 # Rows each worker keeps in its local shuffle buffer, in batches.
 SHUFFLE_BATCHES = 4
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Everything the per-worker training function needs; plain values, sent to every worker.
-
-    `lr` is the peak learning rate of the whole (DDP) batch, already scaled; `steps_per_epoch` is
-    the number of optimizer steps of one epoch on each worker, for the learning-rate schedule.
-    `categories[i - 1]` is the category of the model's label `i`. `amp` is "bf16", "fp16" or
-    "off"; `trainable_backbone_layers` is already resolved (`mrcnn.backbone.trainable_layers`).
-    `checkpoint_every`, `validate_every` and `log_every` count optimizer steps, 0 for never
-    (checkpoints and validation still happen at each epoch's end). `val_parts` is the number of
-    validation datasets, `val_0` ... (one per worker, fewer with fewer images).
-    """
-
-    preset: str
-    num_classes: int
-    roi_op: str
-    mask_loss: str
-    categories: tuple[Category, ...]
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    warmup_iters: int
-    lr_schedule: str
-    steps_per_epoch: int
-    amp: str
-    torch_threads: int
-    seed: int
-    init_weights: str | None
-    metrics_uri: str
-    validate: bool
-    backbone_weights: str = "none"
-    trainable_backbone_layers: int = 3
-    checkpoint_every: int = 0
-    validate_every: int = 0
-    log_every: int = 0
-    val_parts: int = 1
-    tensorboard_uri: str | None = None
-    fail_after_epoch: int | None = None
-    fail_after_step: int | None = None
-    output_marker: StorageMarker | None = None
-    max_steps: int | None = None
-    time_budget: TimeBudget | None = None
-
-    @property
-    def pretrained(self) -> bool:
-        """Whether the backbone starts from trained weights (ImageNet or `init_weights`)."""
-        return self.backbone_weights == "imagenet" or bool(self.init_weights)
-
-    @property
-    def total_steps(self) -> int:
-        """The most optimizer steps the run may take: its epochs', or `max_steps` if fewer."""
-        total = max(1, self.epochs * self.steps_per_epoch)
-        return total if self.max_steps is None else min(total, self.max_steps)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], config: LoopConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's), or AdamW (`momentum` is then its beta1)."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params, lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay
-        )
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
-def lr_factor(step: int, config: LoopConfig, total: int | None = None) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total` steps.
-
-    `total` defaults to `config.total_steps`; a time budget passes the planned steps. The warm-up
-    takes at most a quarter of the schedule, so a short plan still decays.
-    """
-    total = max(1, total or config.total_steps)
-    progress = min(step, total) / total
-    if config.lr_schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        decay = 0.1 ** sum(progress >= milestone for milestone in STEP_MILESTONES)
-    warmup = min(config.warmup_iters, max(1, total // 4))
-    if step < warmup:
-        decay *= WARMUP_START + (1.0 - WARMUP_START) * step / warmup
-    return decay
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -263,9 +172,7 @@ class _Run:
                 print(f"train: {format_epoch(record, config.epochs)}", flush=True)
                 started_before = self.start_step <= (epoch - 1) * config.steps_per_epoch
                 if config.fail_after_epoch == epoch and started_before:
-                    # Fault injection for the resume tests: this worker process dies as if killed.
-                    print(f"train: worker exits on purpose after epoch {epoch} (fault injection)", flush=True)
-                    os._exit(1)
+                    fault_injection.exit_worker(f"epoch {epoch}")
         if self.tensorboard is not None:
             self.tensorboard.close()
 
@@ -341,8 +248,7 @@ class _Run:
             self._checkpoint(f"step-{self.step:09d}", {})
             if self.rank == 0 and config.fail_after_step == self.step and self.start_step < self.step:
                 ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-                print(f"train: worker exits on purpose after step {self.step} (fault injection)", flush=True)
-                os._exit(1)
+                fault_injection.exit_worker(f"step {self.step}")
         paused = time.perf_counter() - started
         self.window_started += paused
         return paused
@@ -477,49 +383,3 @@ def _resume_state(rank: int) -> dict | None:
             flush=True,
         )
     return state
-
-
-def initialise_from(
-    model: torch.nn.Module, uri: str, *, log: bool, categories: tuple[Category, ...] | None = None
-) -> tuple[int, int]:
-    """Copy into `model` every tensor of the weights at `uri` whose name and shape match.
-
-    Class-specific layers (the box and mask predictors) differ between a COCO checkpoint and a
-    model of other categories. For `torchvision:<builder>` weights and the dataset's
-    `categories`, the rows of categories named as a COCO class (`person`, `dog`) are copied from
-    that class's rows (`mrcnn.transfer`); the others keep their random initialisation. Returns
-    (copied, total tensors of the model); raises `mrcnn.weights.WeightsError` when nothing matches.
-    """
-    from mrcnn.weights import WeightsError
-
-    source = read_state_dict(uri)
-    own = model.state_dict()
-    labels = None
-    if categories and uri.startswith(TORCHVISION_PREFIX):
-        names = ["__background__", *(category.name for category in categories)]
-        labels = shared_labels(torchvision_categories(uri[len(TORCHVISION_PREFIX) :]), names)
-    state, rows = transferred_state(own, source, labels)
-    if not state:
-        raise WeightsError(f"{uri}: no tensor fits the model (names or shapes all differ)")
-    model.load_state_dict(state, strict=False)
-    if log:
-        print(
-            f"train: initialised {len(state)} of {len(own)} tensors from {uri} "
-            f"(the rest, e.g. {sorted(set(own) - set(state))[:3]}, stay random)"
-            + (f"; predictor rows of {rows} categories from the classes of the same name" if rows else ""),
-            flush=True,
-        )
-    return len(state), len(own)
-
-
-def set_training_mode(model: torch.nn.Module, config: LoopConfig) -> None:
-    """`model.train()`, except that a pretrained backbone is frozen as torchvision's builders do.
-
-    With ImageNet or `init_weights` weights, only the top `trainable_backbone_layers` ResNet
-    stages train and every BatchNorm of the ResNet normalises with its stored statistics and is
-    not trained (`mrcnn.backbone.freeze_backbone`): batch statistics of a few images per worker
-    would overwrite those the weights were trained with.
-    """
-    model.train()
-    if config.pretrained:
-        freeze_backbone(model, config.trainable_backbone_layers)

@@ -7,7 +7,8 @@ each reading its shard of the Ray Data training set (`pipeline.train_data`). Che
 replaced and training resumes from the latest checkpoint, up to `max_failures` times
 (`FailureConfig`); a new run of the same command on the same output resumes the same way, since
 a new `TorchTrainer` on the same storage path and name finds Ray's record of the checkpoints.
-When training is done, the model of the latest checkpoint is exported to `<output>/model/`.
+When training is done, the model of the latest checkpoint is exported to `<output>/model/`
+(`pipeline.train_output`).
 
 Resources follow the flags, not the cluster as it is at the start (a cluster whose GPU nodes
 scale from zero holds only its head then):
@@ -16,10 +17,7 @@ scale from zero holds only its head then):
   before training with one line naming its node (`pipeline.ray_compat.cuda_checked_torch_config`).
   On the job's own local Ray, `--use-gpu` on a machine without GPUs is an error at once.
 - CPUs per worker (also its torch threads, since Ray sets `OMP_NUM_THREADS=1` in its workers):
-  `--cpus-per-worker`, else for GPU workers three quarters of the CPUs per GPU of the GPU nodes
-  alive (the rest decodes images), or 1 CPU when none is up yet; for CPU workers three quarters
-  of the cluster's CPUs shared by the workers (at least half a CPU is left for decoding images in
-  Ray Data tasks, which would otherwise never get a CPU while the workers hold them all).
+  `--cpus-per-worker`, else sized from the cluster (`pipeline.worker_sizing`).
 - Ray Train retries a worker group that cannot be placed every 60 s and, by default, forever; the
   run gives up after `resource_timeout_s` with one line instead.
 
@@ -30,27 +28,22 @@ export included. Either way the schedule is complete: warm-up, then decay to zer
 step. The plan travels in the checkpoints, so a re-run resumes it; a run is finished when its
 schedule is.
 
-Fault injection for tests: `MRCNN_TRAIN_FAIL_AFTER_EPOCH=k` in the driver's environment makes
-the rank-0 worker process exit right after it has checkpointed epoch k (only in a run that did
-not start from epoch k or later), as if it had been killed; `MRCNN_TRAIN_FAIL_AFTER_STEP=k` does
-the same after the mid-epoch checkpoint of step k (`--checkpoint-every` must divide k).
+Tests make a worker die on purpose through environment variables (`pipeline.fault_injection`).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 
 from mrcnn import build_model, storage
-from mrcnn.backbone import default_backbone_weights, ensure_imagenet_weights, trainable_layers
+from mrcnn.backbone import ensure_imagenet_weights, trainable_layers
 from mrcnn.coco import CocoDataset
-from mrcnn.model_folder import SPEC_FILE, save_model_folder, spec_for
+from pipeline import fault_injection
 from pipeline.budget import CALIBRATION_STEPS, TimeBudget
-from pipeline.checkpoints import CHECKPOINTS_NAME, load_state
-from pipeline.metrics import METRICS_FILE, read_history
+from pipeline.checkpoints import CHECKPOINTS_NAME
+from pipeline.loop_config import LoopConfig
+from pipeline.metrics import METRICS_FILE
 from pipeline.ray_compat import (
     TRAIN_PRINT_PATCH_ENV,
     cuda_checked_torch_config,
@@ -60,28 +53,17 @@ from pipeline.ray_compat import (
 from pipeline.ray_errors import one_line, root_cause
 from pipeline.shared_storage import StorageMarker
 from pipeline.tensorboard_log import TENSORBOARD_DIR
-from pipeline.train_loop import LoopConfig, initialise_from, train_loop_per_worker
+from pipeline.train_job import TrainJob, steps_per_epoch
+from pipeline.train_loop import train_loop_per_worker
+from pipeline.train_output import export_model, latest_checkpoint, schedule_finished
+from pipeline.weight_init import initialise_from
+from pipeline.worker_sizing import default_worker_cpus, warn_if_too_small
 
-logger = logging.getLogger("pipeline.trainer")
-
-FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
-FAIL_AFTER_STEP_ENV = "MRCNN_TRAIN_FAIL_AFTER_STEP"
-# `--lr` is the learning rate for a total batch of this many images (torchvision's reference:
-# 0.02 for 8 GPUs x 2 images); the run scales it linearly to num_workers x batch_size.
-REFERENCE_BATCH = 16
-WORKERS_CPU_SHARE = 0.75
-MIN_DATA_CPUS = 0.5
-# CPUs of a GPU worker when no GPU node is up to size it by (the autoscaler will launch them).
-GPU_WORKER_CPUS_WHEN_UNKNOWN = 1.0
-DEFAULT_RESOURCE_TIMEOUT_S = 1200.0
-# Learning rates for a total batch of `REFERENCE_BATCH` images when `--lr` is not given.
-DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 # Checkpoints kept in storage; older ones are deleted by Ray Train as new ones are reported.
 KEEP_CHECKPOINTS = 2
 # Of a `max_minutes` budget, the seconds left after the last step for the final checkpoint, Ray
 # Train stopping its workers and the export of the model.
 FINISH_RESERVE_S = 10.0
-MODEL_NAME = "model"
 # Ray Train routes `print` in its workers to a logger and also tees it when stdout is redirected,
 # which prints our epoch lines twice and lets pycocotools' output through `evaluate_coco`'s
 # `redirect_stdout`. Plain prints reach the driver through Ray's log forwarding anyway.
@@ -93,52 +75,6 @@ class TrainingError(Exception):
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """A training run as the command line describes it (see `jobs.train` for each field)."""
-
-    train_annotations: str
-    train_images: str
-    output: str
-    val_annotations: str | None = None
-    val_images: str | None = None
-    preset: str = "small"
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    epochs: int = 12
-    batch_size: int = 4
-    optimizer: str = "sgd"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    lr_schedule: str = "cosine"
-    amp: str = "off"
-    roi_op: str = "align"
-    mask_loss: str = "sigmoid"
-    init_weights: str | None = None
-    backbone_weights: str | None = None
-    trainable_backbone_layers: int | None = None
-    checkpoint_every: int = 1000
-    validate_every: int = 0
-    log_every: int = 20
-    exif_orientation: str = "stored"
-    max_failures: int = 0
-    seed: int = 0
-    resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
-    max_steps: int | None = None
-    max_minutes: float | None = None
-
-    @property
-    def backbone_start(self) -> str:
-        """Where the ResNet starts: "imagenet" or "none" (the preset's default when not given);
-        "none" with `init_weights`, which hold a backbone of their own."""
-        if self.init_weights:
-            return "none"
-        return self.backbone_weights or default_backbone_weights(self.preset)
-
-
-@dataclass(frozen=True)
 class TrainOutcome:
     """What a run did: epochs trained in total, whether this invocation trained any, the export."""
 
@@ -146,49 +82,6 @@ class TrainOutcome:
     trained: bool
     model_uri: str
     final_metrics: dict | None
-
-
-def base_lr(job: TrainJob) -> float:
-    """The learning rate for a total batch of `REFERENCE_BATCH` images."""
-    return job.lr if job.lr is not None else DEFAULT_LR[job.optimizer]
-
-
-def completed_epochs(job: TrainJob) -> int:
-    """Epochs recorded in the output's `metrics.jsonl` (0 for a new output)."""
-    history = read_history(storage.join(job.output, METRICS_FILE))
-    return int(history[-1]["epoch"]) if history else 0
-
-
-def steps_per_epoch(job: TrainJob, num_images: int) -> int:
-    """Optimizer steps of one epoch: Ray Data splits the rows equally (each worker must run as
-    many DDP steps as the others), and the last batch of a worker's share may be short."""
-    return max(1, math.ceil(num_images // job.num_workers / job.batch_size))
-
-
-def schedule_finished(job: TrainJob, last: dict, epoch_steps: int) -> bool:
-    """Whether the run whose last epoch record or checkpoint report is `last` has nothing left
-    to train for `job`.
-
-    A run planned by a time budget is finished when its planned schedule is, if `job` still asks
-    for a budget; otherwise when it took the steps that `job`'s epochs and `max_steps` ask for
-    (so a re-run with more epochs trains on). Records older than step counts count in epochs.
-    """
-    step = int(last.get("step", int(last["epoch"]) * epoch_steps))
-    if job.max_minutes is not None and (last.get("budgeted") or "plan" in last):
-        return step >= int(last["planned_steps"])
-    wanted = job.epochs * epoch_steps
-    return step >= (wanted if job.max_steps is None else min(wanted, job.max_steps))
-
-
-def is_complete(job: TrainJob, num_images: int) -> bool:
-    """True when the output already holds a model exported after its schedule finished."""
-    history = read_history(storage.join(job.output, METRICS_FILE))
-    model_spec = storage.join(job.output, MODEL_NAME, SPEC_FILE)
-    return (
-        bool(history)
-        and schedule_finished(job, history[-1], steps_per_epoch(job, num_images))
-        and storage.exists(model_spec)
-    )
 
 
 def check_init_weights(job: TrainJob, num_classes: int) -> None:
@@ -239,7 +132,7 @@ def run_training(
     started = time.time() if started is None else started
     filesystem, path = storage.resolve(job.output)
     epoch_steps = steps_per_epoch(job, len(train_data.images))
-    previous = _latest_checkpoint(filesystem, path)
+    previous = latest_checkpoint(filesystem, path)
     if previous is not None and schedule_finished(job, previous[2], epoch_steps):
         print(f"train: {job.output} already holds {previous[1]} trained epochs; exporting its model")
         return _finish(job, train_data, previous[0], previous[1], trained=False, metrics=None)
@@ -256,10 +149,8 @@ def run_training(
             "leave --use-gpu out to train on the CPU, or set RAY_ADDRESS to a cluster with GPU nodes"
         )
     cpus_per_worker = job.cpus_per_worker or default_worker_cpus(job.num_workers, job.use_gpu)
-    _warn_if_too_small(job, cpus_per_worker)
-    total_batch = job.num_workers * job.batch_size
-    fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
-    fail_after_step = os.environ.get(FAIL_AFTER_STEP_ENV)
+    warn_if_too_small(job, cpus_per_worker)
+    fail_after_epoch, fail_after_step = fault_injection.requested()
     val_parts = min(job.num_workers, len(val_data.images)) if val_data is not None else 1
     config = LoopConfig(
         preset=job.preset,
@@ -270,7 +161,7 @@ def run_training(
         epochs=job.epochs,
         batch_size=job.batch_size,
         optimizer=job.optimizer,
-        lr=base_lr(job) * total_batch / REFERENCE_BATCH,
+        peak_lr=job.peak_lr,
         momentum=job.momentum,
         weight_decay=job.weight_decay,
         warmup_iters=job.warmup_iters,
@@ -289,8 +180,8 @@ def run_training(
         log_every=job.log_every,
         val_parts=val_parts,
         tensorboard_uri=storage.join(job.output, TENSORBOARD_DIR),
-        fail_after_epoch=int(fail_after) if fail_after else None,
-        fail_after_step=int(fail_after_step) if fail_after_step else None,
+        fail_after_epoch=fail_after_epoch,
+        fail_after_step=fail_after_step,
         output_marker=output_marker,
         max_steps=job.max_steps,
         time_budget=None
@@ -304,11 +195,12 @@ def run_training(
             datasets[f"val_{part}"] = validation_dataset(
                 val_data, part=part, parts=val_parts, exif_orientation=job.exif_orientation
             )
+    val_ground_truth = val_data.evaluation_ground_truth() if val_data is not None else None
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=cuda_checked_torch_config() if job.use_gpu else None,
-        train_loop_config={"config": config, "val_ground_truth": evaluation_ground_truth(val_data)},
+        train_loop_config={"config": config, "val_ground_truth": val_ground_truth},
         scaling_config=ScalingConfig(
             num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
         ),
@@ -332,7 +224,7 @@ def run_training(
     )
     print(
         f"train: {job.num_workers} workers x {job.batch_size} images, {cpus_per_worker:g} CPUs"
-        f"{' + 1 GPU' if job.use_gpu else ''} each, lr {config.lr:g}, {epoch_steps} steps/epoch, "
+        f"{' + 1 GPU' if job.use_gpu else ''} each, peak lr {config.peak_lr:g}, {epoch_steps} steps/epoch, "
         f"{len(train_data.images)} training images; the Ray cluster has "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
     )
@@ -358,82 +250,6 @@ def run_training(
     return _finish(job, train_data, result.checkpoint, epochs, trained=True, metrics=result.metrics)
 
 
-def evaluation_ground_truth(dataset: CocoDataset | None) -> dict | None:
-    """The COCO dict validation AP is computed against: the annotations `read_coco` kept.
-
-    Degenerate annotations are left out of the ground truth as they are left out of training;
-    some of them (a 4-number polygon, which pycocotools reads as a box) would make pycocotools
-    fail.
-    """
-    if dataset is None:
-        return None
-    return {
-        "images": dataset.ground_truth["images"],
-        "categories": dataset.ground_truth["categories"],
-        "annotations": [a for record in dataset.images for a in record.annotations],
-    }
-
-
 def _finish(job, train_data, checkpoint, epochs, *, trained, metrics) -> TrainOutcome:
     model_uri = export_model(checkpoint, job, train_data)
     return TrainOutcome(epochs=epochs, trained=trained, model_uri=model_uri, final_metrics=metrics)
-
-
-def export_model(checkpoint, job: TrainJob, train_data: CocoDataset) -> str:
-    """Write the model of `checkpoint` to `<output>/model/`; returns its URI."""
-    with checkpoint.as_directory() as directory:
-        state = load_state(directory)
-    model = build_model(
-        job.preset, len(train_data.categories) + 1, roi_op=job.roi_op, mask_loss=job.mask_loss
-    )
-    model.load_state_dict(state["model"])
-    uri = storage.join(job.output, MODEL_NAME)
-    save_model_folder(model, spec_for(model, train_data.categories), uri)
-    return uri
-
-
-def _latest_checkpoint(filesystem, path: str):
-    """(checkpoint, epoch, reported metrics) of the latest checkpoint Ray Train recorded under
-    `path`, or None."""
-    from ray.train import Result
-
-    run_path = storage.join(path, CHECKPOINTS_NAME)
-    try:
-        result = Result.from_path(run_path, storage_filesystem=filesystem)
-    except RuntimeError:  # no run folder, or no record of checkpoints in it yet
-        return None
-    if result.checkpoint is None:
-        return None
-    return result.checkpoint, int(result.metrics["epoch"]), result.metrics
-
-
-def default_worker_cpus(num_workers: int, use_gpu: bool) -> float:
-    """CPUs per worker when `--cpus-per-worker` is not given (see the module docstring)."""
-    import ray
-
-    if use_gpu:
-        per_gpu = [
-            node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"]
-            for node in ray.nodes()
-            if node["Alive"] and node["Resources"].get("GPU", 0.0) >= 1
-        ]
-        if not per_gpu:
-            return GPU_WORKER_CPUS_WHEN_UNKNOWN
-        return max(1.0, math.floor(min(per_gpu) * WORKERS_CPU_SHARE))
-    total = ray.cluster_resources().get("CPU", 1.0)
-    share = min(total * WORKERS_CPU_SHARE, total - MIN_DATA_CPUS)
-    return max(share / num_workers, 0.1)
-
-
-def _warn_if_too_small(job: TrainJob, cpus_per_worker: float) -> None:
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    if job.num_workers * cpus_per_worker >= cpus or (job.use_gpu and gpus < job.num_workers):
-        logger.warning(
-            "the Ray cluster has %g CPUs and %g GPUs; %d workers of %g CPUs%s plus image decoding "
-            "need more, so training waits up to %g s for the cluster to grow",
-            cpus, gpus, job.num_workers, cpus_per_worker, " and 1 GPU" if job.use_gpu else "",
-            job.resource_timeout_s,
-        )

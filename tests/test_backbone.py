@@ -27,7 +27,8 @@ from mrcnn.backbone import (
 )
 from mrcnn.categories import Category
 from mrcnn.weights import torchvision_cache_path
-from pipeline.train_loop import LoopConfig, initialise_from, set_training_mode
+from pipeline.loop_config import LoopConfig
+from pipeline.weight_init import initialise_from, set_training_mode
 
 IMAGENET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
 
@@ -121,7 +122,7 @@ def test_trainable_layers_and_frozen_batchnorm_are_torchvisions(hub_cache, monke
         model = build_model("r50-fpn", 91)
     config = LoopConfig(
         preset="r50-fpn", num_classes=91, roi_op="align", mask_loss="sigmoid", categories=(), epochs=1,
-        batch_size=2, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=1,
+        batch_size=2, optimizer="sgd", peak_lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=1,
         lr_schedule="cosine", steps_per_epoch=1, amp="off", torch_threads=1, seed=0, init_weights=None,
         metrics_uri="", validate=False, backbone_weights="imagenet",
         trainable_backbone_layers=trainable_layers(True, layers),

@@ -20,7 +20,7 @@ from pipeline.shared_storage import (
     fingerprint,
     is_local_path,
 )
-from pipeline.trainer import default_worker_cpus
+from pipeline.worker_sizing import default_worker_cpus
 
 
 @pytest.mark.parametrize(

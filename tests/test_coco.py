@@ -153,6 +153,14 @@ def test_images_keep_file_order_uris_and_only_good_annotations(dataset, tmp_path
     assert dataset.ground_truth == ground_truth()
 
 
+def test_evaluation_ground_truth_holds_only_the_kept_annotations(dataset):
+    truth = dataset.evaluation_ground_truth()
+
+    assert [a["id"] for a in truth["annotations"]] == [1, 2, 3, 4, 5, 6]
+    assert truth["images"] == ground_truth()["images"]
+    assert truth["categories"] == ground_truth()["categories"]
+
+
 def test_degenerate_annotations_are_counted_in_one_warning(tmp_path, caplog):
     uri = write_dataset(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="mrcnn.coco"):

@@ -12,7 +12,12 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn.evaluation import STAT_NAMES, detections_from_prediction, evaluate_coco, format_summary
+from mrcnn.evaluation import (
+    STAT_NAMES,
+    detections_from_prediction,
+    evaluate_coco,
+    evaluate_coco_with_summary,
+)
 from mrcnn.rle import masks_to_rle
 
 SIZE = 128
@@ -155,14 +160,17 @@ def test_evaluation_prints_nothing(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_format_summary_has_cocoevals_lines():
-    text = format_summary(evaluate_coco(ground_truth(), detections(shift=2.0)))
+def test_summary_is_cocoevals_lines_of_the_same_stats():
+    stats, text = evaluate_coco_with_summary(ground_truth(), detections(shift=2.0))
 
     lines = text.splitlines()
     assert len(lines) == 24
     assert lines[0].startswith("bbox Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]")
     assert lines[1].endswith("= 1.000")
     assert lines[12].startswith("segm")
+    printed = [float(line.rsplit("=", 1)[1]) for line in lines]
+    expected = [stats[t][name] for t in ("bbox", "segm") for name in STAT_NAMES]
+    assert printed == pytest.approx(expected, abs=5e-4)
 
 
 def test_model_output_through_masks_to_rle_scores_like_the_boxes():

@@ -22,10 +22,10 @@ from mrcnn.coco import read_coco
 from mrcnn.evaluation import evaluate_coco
 from mrcnn.model_folder import load_model
 from pipeline.checkpoints import load_state
+from pipeline.fault_injection import FAIL_AFTER_STEP_ENV
 from pipeline.metrics import LOSS_NAMES, read_history, read_records, read_steps, write_history
 from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.train_data import ValidationCollate, decode_validation_batch
-from pipeline.trainer import FAIL_AFTER_STEP_ENV, evaluation_ground_truth
 from pipeline.validation import detect
 
 
@@ -117,7 +117,7 @@ def test_a_worker_killed_after_a_step_checkpoint_resumes_mid_epoch_and_runs_the_
     column[:] = rows["image"]
     batches = [ValidationCollate()({"image_id": np.array(rows["image_id"]), "image": column})]
     detections = detect(model, batches, dataset.categories, torch.device("cpu"), "off")
-    single = evaluate_coco(evaluation_ground_truth(dataset), detections)
+    single = evaluate_coco(dataset.evaluation_ground_truth(), detections)
     assert {t: epochs[-1][t] for t in ("bbox", "segm")} == single
 
 

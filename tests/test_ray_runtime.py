@@ -52,6 +52,8 @@ with ray_session(num_cpus=2):
     pids = []
     for _ in range(3):
         pids.append(ray.get(task_pid.remote()))
+        # The idle gap under test, not a wait for an event: longer than the moment after which
+        # Ray's default kills an idle task worker while actors hold the CPUs.
         time.sleep(4)
     alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
     print(len(pids), len(alive))
@@ -66,46 +68,68 @@ def test_a_training_dataset_waiting_for_cpus_leaves_them_to_training():
 
     During training the workers hold the CPUs, so the decode stage mostly cannot start a task and
     the executor has nothing in flight. Here a CPU limit below one decode task's needs stands for
-    that, and the consumer sleeps between batches (standing for a training step). A callback of
-    the test, run after `IdleBackoff` on every pass of the executor's scheduling loop, counts the
-    passes made with nothing in flight: with the backoff each costs `IDLE_SLEEP_S`, so a pause of
-    PAUSE_S holds a few of them (3 per batch measured); without it the loop passed ~100 times per
-    pause, busy (4,336 passes over the 40 batches, about 70 % of a core on the 2-core machine).
+    that, and the consumer sleeps between batches (standing for a training step). The effect is
+    measured without the backoff's own code or Ray's callback hook: the CPU time of the thread
+    that runs the executor's scheduling loop (`StreamingExecutor-*`), per batch, for the training
+    dataset as built and for the same dataset with `IdleBackoff` taken off, side by side. Spinning,
+    the loop burns most of a core through each pause; with the backoff it sleeps through most of
+    it. If the callback stops running (a Ray upgrade renaming the hook or the executor's state),
+    both runs spin alike and the test fails (checked with the backoff's sleep set to 0).
     """
     script = """
-import tempfile, time
+import tempfile, threading, time
 from ray.data import ExecutionResources
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 from mrcnn.coco import read_coco
 from mrcnn.shapes import generate_shapes
-from pipeline.ray_compat import nothing_in_flight
+from pipeline.idle_backoff import IdleBackoff
 from pipeline.ray_runtime import ray_session
 from pipeline.train_data import training_dataset
 
-PAUSE_S = 0.1
+PAUSE_S = 0.2
 
 
-class CountIdlePasses(ExecutionCallback):
-    passes = 0
+def executor_cpu_seconds():
+    \"\"\"CPU time of the thread running the streaming executor's loop, None if there is none.\"\"\"
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-") and thread.is_alive():
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, ProcessLookupError):
+                return None
+    return None
 
-    def on_execution_step(self, executor):
-        if nothing_in_flight(executor):
-            CountIdlePasses.passes += 1
+
+def executor_cpu_per_batch(dataset):
+    \"\"\"(batches, executor CPU seconds per batch between the first and the last sample).\"\"\"
+    dataset.context.execution_options.resource_limits = ExecutionResources(cpu=0.1)
+    samples = []
+    batches = 0
+    for _ in dataset.iter_batches(batch_size=4, prefetch_batches=1):
+        time.sleep(PAUSE_S)
+        batches += 1
+        cpu = executor_cpu_seconds()
+        if cpu is not None:
+            samples.append((batches, cpu))
+    (first_batch, first), (last_batch, last) = samples[0], samples[-1]
+    return batches, (last - first) / max(1, last_batch - first_batch)
 
 
 shapes = generate_shapes(tempfile.mkdtemp(), 160, seed=3)
 data = read_coco(shapes.annotations_uri, shapes.images_root)
 with ray_session(num_cpus=2):
-    dataset = training_dataset(data)
-    dataset.context.execution_options.resource_limits = ExecutionResources(cpu=0.1)
-    dataset.context.custom_execution_callback_classes.append(CountIdlePasses)
-    batches = 0
-    for _ in dataset.iter_batches(batch_size=4, prefetch_batches=1):
-        time.sleep(PAUSE_S)
-        batches += 1
-    print(batches, CountIdlePasses.passes)
+    spinning = training_dataset(data)
+    spinning.context.custom_execution_callback_classes = [
+        c for c in spinning.context.custom_execution_callback_classes if c is not IdleBackoff
+    ]
+    spin_batches, spin_cpu = executor_cpu_per_batch(spinning)
+    batches, cpu = executor_cpu_per_batch(training_dataset(data))
+    print(spin_batches, batches, spin_cpu, cpu)
 """
-    batches, idle_passes = map(int, run_script(script).split()[-2:])
-    assert batches == 40
-    # PAUSE_S / IDLE_SLEEP_S = 5 sleeping passes per pause; 4x that leaves room for a slow machine.
-    assert idle_passes <= 20 * batches, f"{idle_passes} scheduling passes with nothing in flight"
+    spin_batches, batches, spin_cpu, cpu = run_script(script).split()[-4:]
+    assert (int(spin_batches), int(batches)) == (40, 40)
+    # The executor's own work (launching tasks, taking their output) is the same in both runs; the
+    # half leaves room for a loaded machine, where the spinning loop gets less of a core.
+    assert float(cpu) < 0.5 * float(spin_cpu), (
+        f"executor thread CPU per batch: {float(cpu) * 1000:.1f} ms with IdleBackoff, "
+        f"{float(spin_cpu) * 1000:.1f} ms without"
+    )

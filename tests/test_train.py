@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -30,10 +33,12 @@ from mrcnn.shapes import generate_shapes
 from mrcnn.weights import WeightsError
 from pipeline.budget import CALIBRATION_STEPS
 from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output, load_state
+from pipeline.fault_injection import FAIL_AFTER_EPOCH_ENV
+from pipeline.loop_config import LoopConfig
 from pipeline.metrics import LOSS_NAMES, format_epoch, read_history, write_history
+from pipeline.optimizer import lr_factor
 from pipeline.train_data import TrainingCollate, decode_training_batch
-from pipeline.train_loop import LoopConfig, initialise_from, lr_factor, set_training_mode
-from pipeline.trainer import FAIL_AFTER_EPOCH_ENV
+from pipeline.weight_init import initialise_from, set_training_mode
 
 # Shapes' category ids 1..4 become these, so the dataset has gaps as COCO does.
 GAPPED_IDS = {1: 3, 2: 7, 3: 8, 4: 12}
@@ -197,8 +202,8 @@ def _decode(uri: str) -> np.ndarray:
 def _config() -> LoopConfig:
     return LoopConfig(
         preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
-        epochs=2, batch_size=2, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=10,
-        lr_schedule="cosine", steps_per_epoch=50, amp="off", torch_threads=1, seed=0,
+        epochs=2, batch_size=2, optimizer="sgd", peak_lr=0.01, momentum=0.9, weight_decay=0.0,
+        warmup_iters=10, lr_schedule="cosine", steps_per_epoch=50, amp="off", torch_threads=1, seed=0,
         init_weights=None, metrics_uri="", validate=False,
     )
 
@@ -207,7 +212,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     config = _config()
     factors = [lr_factor(step, config) for step in range(101)]
     assert factors[0] == pytest.approx(0.001)
-    assert max(factors) == pytest.approx(factors[10]) and factors[10] > 0.95
+    # After the 10 warm-up steps, the cosine decay as if it had started at step 0.
+    assert max(factors) == pytest.approx(factors[10]) == 0.5 * (1 + math.cos(math.pi * 10 / 100))
     assert factors[100] == pytest.approx(0.0, abs=1e-9)
     step = LoopConfig(**{**config.__dict__, "lr_schedule": "step"})
     assert lr_factor(20, step) == 1.0
@@ -353,7 +359,10 @@ def test_max_steps_and_a_time_budget_end_the_schedule_at_the_last_planned_step(
     assert train_job.main(argv) == 0
     history = read_history(f"{output}/metrics.jsonl")
     assert [(e["epoch"], e["step"], e["planned_steps"]) for e in history] == [(1, 2, 3), (2, 3, 3)]
-    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and history[0]["lr"] > 0
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # After step 2 of 3 (the one warm-up step of a 3-step plan is over): the default SGD rate of
+    # 0.02 per 16 images for 2 workers x 2 images, on the cosine at 2/3.
+    assert history[0]["lr"] == pytest.approx(0.02 * 4 / 16 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
     capsys.readouterr()
     assert train_job.main(argv) == 0
     assert "already complete" in capsys.readouterr().out
@@ -436,32 +445,75 @@ def _train_workers(root: int) -> list[int]:
     return workers
 
 
+class _Output:
+    """A process's stdout, read line by line on a thread, so that a test can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, wanted: str, timeout_s: float) -> bool:
+        """Whether a line containing `wanted` arrives before the output ends and within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while (line := self._next(deadline)) is not None:
+            if wanted in line:
+                return True
+        return False
+
+    def read_to_end(self, timeout_s: float) -> str:
+        """All the output, once it ends (or what came within `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while self._next(deadline) is not None:
+            pass
+        return "".join(self.lines)
+
+    def _next(self, deadline: float) -> str | None:
+        """The next line (kept in `lines`), or None at the end of the output or the deadline."""
+        if self.ended:
+            return None
+        try:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if line is None:
+            self.ended = True
+        else:
+            self.lines.append(line)
+        return line
+
+
 @pytest.mark.slow
 def test_killing_a_train_worker_after_the_first_checkpoint_resumes_and_finishes(local_data, tmp_path):
-    """SIGKILL one Ray Train worker process of a running `jobs.train` as soon as epoch 1 is
-    checkpointed; with `--max-failures 1` the run restarts its workers from that checkpoint."""
+    """SIGKILL one Ray Train worker process of a running `jobs.train` as soon as it reports epoch 1
+    (printed after the epoch's checkpoint is committed); with `--max-failures 1` the run restarts
+    its workers from that checkpoint."""
     annotations, images = local_data
     output = tmp_path / "run"
     command = [
         sys.executable, "-m", "jobs.train", "--train-annotations", annotations, "--train-images", images,
         "--output", str(output), "--epochs", "3", "--max-failures", "1", "--num-cpus", "2", *TRAIN_FLAGS,
     ]
-    log = tmp_path / "log.txt"
-    with open(log, "w") as sink:
-        job = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        killed = None
-        try:
-            while job.poll() is None and killed is None:
-                if (output / "metrics.jsonl").exists() and (workers := _train_workers(job.pid)):
-                    killed = workers[-1]
-                    os.kill(killed, signal.SIGKILL)
-                time.sleep(0.1)
-            job.wait(timeout=600)
-        finally:
-            if job.poll() is None:
-                job.kill()
-    text = log.read_text()
-    assert killed is not None, text[-3000:]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output_lines = _Output(job)
+    try:
+        reported = output_lines.wait_for("train: epoch 1/3", timeout_s=600)
+        workers = _train_workers(job.pid) if reported else []
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+        text = output_lines.read_to_end(timeout_s=600)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert reported, text[-3000:]
+    assert workers, "no Ray Train worker process left to kill after epoch 1: " + text[-3000:]
     assert job.returncode == 0, text[-3000:]
     assert "resuming from checkpoint" in text
     epochs = [e["epoch"] for e in read_history(str(output / "metrics.jsonl"))]
