@@ -22,10 +22,10 @@ from dataclasses import replace
 from jobs.cli import OneLineParser, bounded
 from mrcnn.model_folder import ModelError, load_spec
 from mrcnn.storage import StorageError
+from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
 from pipeline.inputs import InputError, check_input
 from pipeline.provenance import ProvenanceMismatch, claim_output, job_record
 from pipeline.ray_compat import RayCompatError, check_ray_version
-from pipeline.segment import DEFAULT_RESOURCE_TIMEOUT_S
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segment: note: {notice}", file=sys.stderr)
 
     from pipeline.actor_sizing import local_ray_cpus
+    from pipeline.bulk_segmentation import SegmentConfig, SegmentError, run_segmentation
     from pipeline.ray_runtime import ray_session
-    from pipeline.segment import SegmentConfig, SegmentError, run_segmentation
     from pipeline.shared_storage import SharedStorageError, check_local_paths
 
     config = SegmentConfig(

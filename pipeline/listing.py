@@ -3,7 +3,7 @@
 `PathDatasource` has a single read task, a generator that yields blocks of `rows_per_block` paths
 (`pipeline.inputs.iter_inputs`, in listing order) as each chunk of `FILTER_CHUNK` listed inputs
 has been checked against the done set, and the driver never holds the listing. Ray Data gathers
-those blocks up to the dataset's target block size (`pipeline.segment.TARGET_MAX_BLOCK_SIZE`,
+those blocks up to the dataset's target block size (`pipeline.bulk_segmentation.TARGET_MAX_BLOCK_SIZE`,
 ~15,000 paths) before it hands them on; the segmentation dataset then cuts them back into batches,
 one decode task each. Ray Data runs read tasks as streaming generators and pauses them when the
 stages downstream fall behind (backpressure), which keeps memory bounded. One lister is enough:

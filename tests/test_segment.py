@@ -281,8 +281,8 @@ def test_rerun_completes_the_output_exactly_once(tmp_path, model_dir, ray_local)
 
 def test_decoding_runs_on_tasks_not_on_the_inference_actor(tmp_path, model_dir, ray_local):
     """Ray Data must not fuse decode into the actor stage (it would decode on the accelerator's actor)."""
+    from pipeline.bulk_segmentation import SegmentConfig, build_dataset
     from pipeline.inputs import check_input
-    from pipeline.segment import SegmentConfig, build_dataset
 
     write_files(str(tmp_path / "images"), {"a.png": GOOD["a.png"]})
     config = SegmentConfig(check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir)
@@ -297,8 +297,8 @@ def test_listing_is_cut_into_one_decode_task_per_batch(tmp_path, model_dir, ray_
     """Ray Data would gather the listing's small path blocks into one block (one decode task for the
     whole input, no parallel decode, nothing downstream until the listing ends); each batch of
     `batch_size` paths must become its own decode task and its own inference call."""
+    from pipeline.bulk_segmentation import SegmentConfig, build_dataset
     from pipeline.inputs import check_input
-    from pipeline.segment import SegmentConfig, build_dataset
 
     write_files(str(tmp_path / "images"), {f"{i:02d}.png": png(40, 30, seed=i) for i in range(12)})
     config = SegmentConfig(
