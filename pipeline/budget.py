@@ -176,6 +176,7 @@ class Schedule:
         self.plan: dict | None = None
         self._budget = budget
         self._clock: StepClock | None = None
+        self._now = time.time
         self._min_steps = min_steps
         self._images_per_step = images_per_step
         self._announce = announce
@@ -184,7 +185,9 @@ class Schedule:
             self.steps = min(max_steps, int(resumed["planned_steps"]))
 
     def start(self, first_step: int, clock=time.time) -> None:
-        """Start timing this invocation's steps, `first_step` steps being done already."""
+        """Start timing this invocation's steps, `first_step` steps being done already; `clock`
+        (Unix seconds) also dates the expected end of the schedule."""
+        self._now = clock
         if self._budget is not None:
             self._clock = StepClock(self._budget, first_step, clock)
 
@@ -204,8 +207,7 @@ class Schedule:
         if self._announce:
             self._announce = False
             images = self._images_per_step / plan.seconds_per_step
-            ends = time.localtime(time.time() + (steps - step) * plan.seconds_per_step)
-            end = time.strftime("%H:%M:%S", ends)
+            end = time.strftime("%H:%M:%S", time.localtime(self._expected_end(step)))
             print(
                 f"train: plan: {steps} steps in all ({step} done) at {plan.seconds_per_step:.3f} s/step, "
                 f"{images:.1f} images/s; the schedule ends at step {steps}, about {end} "
@@ -221,5 +223,9 @@ class Schedule:
         record = {"step": step, "planned_steps": self.steps}
         if self.plan is not None:
             record["plan"] = self.plan
-            record["expected_end"] = time.time() + (self.steps - step) * self.plan["seconds_per_step"]
+            record["expected_end"] = self._expected_end(step)
         return record
+
+    def _expected_end(self, step: int) -> float:
+        """Unix time the planned schedule ends at the plan's step time, `step` steps being done."""
+        return self._now() + (self.steps - step) * self.plan["seconds_per_step"]
