@@ -44,7 +44,7 @@ from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
 from mrcnn.images import decode_image
 from mrcnn.overlay import draw_instances
-from mrcnn.precision import PRECISIONS, native_bf16
+from mrcnn.precision import PRECISIONS
 from mrcnn.rle import rle_to_mask
 from mrcnn.shapes import generate_shapes
 from pipeline.metrics import METRICS_FILE, read_history
@@ -250,7 +250,7 @@ def training_precision(args: argparse.Namespace) -> str:
         return args.amp
     if not args.use_gpu:
         return "off"
-    return "bf16" if native_bf16(torch.device("cuda")) else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _segment_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:

@@ -39,16 +39,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: a CUDA device that supports it, or a CPU with
-    AVX-512 BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # Private but stable since torch 2.1; a torch without them reads as "no".
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 @contextlib.contextmanager
 def _float32(device: torch.device) -> Iterator[None]:
     with torch.autocast(device_type=device.type, enabled=False):
