@@ -20,7 +20,7 @@ import sys
 from dataclasses import replace
 
 from jobs.cli import OneLineParser, bounded
-from mrcnn.model_folder import ModelError, load_spec
+from mrcnn.model_spec import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
 from pipeline.inputs import InputError, check_input
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_ray_version()
+        check_ray_version(training=False)
         spec = check_input(args.input, args.limit)
         load_spec(args.model)
         record = job_record(args.model, args.score_threshold, args.max_pixels)

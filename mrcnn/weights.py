@@ -16,14 +16,7 @@ from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
 
 from mrcnn import storage
-
-TORCHVISION_PREFIX = "torchvision:"
-
-# The torchvision builders whose COCO weights fit our presets, and the preset each one matches.
-TORCHVISION_PRESETS: dict[str, str] = {
-    "maskrcnn_resnet50_fpn": "r50-fpn",
-    "maskrcnn_resnet50_fpn_v2": "r50-fpn-v2",
-}
+from mrcnn.model_spec import TORCHVISION_PREFIX, TORCHVISION_PRESETS
 
 
 class WeightsError(Exception):

@@ -11,9 +11,13 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
    threads; by default every CPU of a local Ray but one, `pipeline.actor_sizing`) and
    `gpus_per_actor` GPUs. On a cluster the job joined, the GPUs are requested
    whatever the cluster holds at the start, so that an autoscaler launches GPU nodes; on a Ray of
-   the job's own they are requested only when the machine has GPUs (`pipeline.gpu`). The job waits
-   at most `resource_timeout_s` for the first `MIN` actors (Ray Data's `wait_for_min_actors_s`),
-   then stops with one line instead of waiting forever for a node that never comes.
+   the job's own they are requested only when the machine has GPUs (`pipeline.gpu`). On a cluster
+   the job waits at most `resource_timeout_s` for the first `MIN` actors (Ray Data's
+   `wait_for_min_actors_s`), then stops with one line instead of waiting forever for a node that
+   never comes. A Ray of the job's own has all its resources from the start and never grows:
+   actors that do not fit it are an error at once, and the pool starts while the listing and the
+   decode tasks already run (Ray Data's wait would put the actor's start, its torch import and
+   model load, in series before every other stage: BENCHMARKS.md "Start-up of the whole command").
 4. `finish_batch` (`pipeline.postprocess`): CPU tasks encode the masks and commit every
    `rows_per_file` rows as one Parquet file (`pipeline.output.commit_part`), returning one small
    row of counts. Files are decoupled from inference batches: a few hundred rows per file suit
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 
 import ray
 
-from mrcnn.model_folder import load_spec
+from mrcnn.model_spec import ModelError, load_spec
 from pipeline import output
 from pipeline.actor_sizing import actor_cpus
 from pipeline.decode import decode_batch
@@ -139,7 +143,9 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
     previous = [getattr(context, name) for name in settings]
     context.raise_original_map_exception = True
     context.target_max_block_size = TARGET_MAX_BLOCK_SIZE
-    context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s))
+    # On a cluster, bound the wait for the first actors; on a Ray of the job's own (whose fit
+    # `_build_dataset` checks) start them asynchronously: -1 is Ray Data's "do not wait".
+    context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s)) if config.joined_cluster else -1
     try:
         return _build_dataset(config, done)
     finally:
@@ -153,11 +159,13 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
     low, high = config.actors
     cpus = ray.cluster_resources().get("CPU", 0)
     threads = max(1, int(cpus_per_actor))
-    if cpus - low * cpus_per_actor < 1:
+    if not config.joined_cluster:
+        _check_local_fit(low, cpus_per_actor, gpus)
+    elif cpus - low * cpus_per_actor < 1:
         logger.warning(
             "%d inference actors of %g CPUs leave less than one of the cluster's %g CPUs for the "
-            "decode and RLE tasks: the job waits until the cluster grows (a local Ray: raise "
-            "--num-cpus, Ray's CPUs are logical; or lower --cpus-per-actor / --actors)",
+            "decode and RLE tasks: the job waits until the cluster grows (or lower "
+            "--cpus-per-actor / --actors)",
             low,
             cpus_per_actor,
             cpus,
@@ -232,8 +240,10 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
         ) from error
     except ray.exceptions.RayError as error:
         cause = one_line(error)
-        if cause.startswith((f"{GpuUnavailableError.__name__}:", f"{SharedStorageError.__name__}:")):
-            # A node that cannot do the work: re-running the same command would not help.
+        cannot_work = (GpuUnavailableError, SharedStorageError, ModelError)
+        if cause.startswith(tuple(f"{kind.__name__}:" for kind in cannot_work)):
+            # A node that cannot do the work, or weights no actor can load: re-running the same
+            # command would not help.
             raise SegmentError(cause) from error
         raise SegmentError(
             f"the job stopped: {cause}; the files already in the output are complete, "
@@ -266,6 +276,25 @@ def _actor_resources(config: SegmentConfig) -> tuple[float, float]:
         config.cpus_per_actor, resources.get("CPU", 0), config.actors[0], gpus, config.joined_cluster
     )
     return cpus, gpus
+
+
+def _check_local_fit(actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Raise `SegmentError` unless `actors` inference actors and a decode task fit this Ray now.
+
+    For a Ray that is not a cluster the job joined: its resources are what they will ever be, so a
+    pool that does not fit would wait forever.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if actors * cpus_per_actor + 1 > cpus or actors * gpus_per_actor > gpus:
+        wanted = f"{actors} inference actor(s) of {cpus_per_actor:g} CPUs" + (
+            f" and {gpus_per_actor:g} GPU" if gpus_per_actor else ""
+        )
+        raise SegmentError(
+            f"{wanted}, plus 1 CPU for the decode and RLE tasks, do not fit this Ray's {cpus:g} CPUs "
+            f"and {gpus:g} GPUs: lower --actors/--cpus-per-actor/--gpus-per-actor or raise "
+            f"--num-cpus (a local Ray's CPUs are logical)"
+        )
 
 
 def _resources_text(config: SegmentConfig) -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from mrcnn.images import ImageDecodeError, decode_image
 from pipeline.read_input import InputMissing, read_input
@@ -74,6 +72,10 @@ def shrink_to_model_size(pixels: np.ndarray, min_size: int, max_size: int) -> np
     size = model_input_size(height, width, min_size, max_size)
     if size == (height, width):
         return pixels
+    # Imported here: the job's driver imports this module for `decode_batch` and never resizes.
+    import torch
+    import torch.nn.functional as F
+
     image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
     return resized[0].permute(1, 2, 0).contiguous().numpy()

@@ -19,17 +19,24 @@ wastes enough pixels the batch runs as one forward per orientation (`mrcnn.batch
 rows come out in their input order all the same.
 
 Error rows (from decode) pass through untouched, with no detections.
+
+torch and the model's modules are imported inside the methods, which run on the actors only: the
+job's driver imports this module to hand the class to Ray Data and must not pay torch's and
+torchvision's import first (about 3 s of its start-up on a small machine, BENCHMARKS.md "Start-up
+of the whole command").
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from mrcnn.batching import input_size, orientation_groups
-from mrcnn.model_folder import load_model
-from mrcnn.precision import autocast
 from pipeline.gpu import require_cuda
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Segmenter:
@@ -53,6 +60,10 @@ class Segmenter:
         use_gpu: bool,
         group_by_orientation: bool = True,
     ):
+        import torch
+
+        from mrcnn.model_folder import load_model
+
         torch.set_num_threads(max(1, num_threads))
         if use_gpu:
             require_cuda()
@@ -73,6 +84,8 @@ class Segmenter:
             mask_probs: float32[D, 28, 28] mask probabilities inside each box.
         Error rows get D = 0.
         """
+        import torch
+
         count = len(batch["path"])
         boxes = [np.zeros((0, 4), np.float32)] * count
         scores = [np.zeros(0, np.float32)] * count
@@ -107,6 +120,10 @@ class Segmenter:
 
     def _predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The model's predictions for `images` (float32[3, h, w] each), in their order."""
+        import torch
+
+        from mrcnn.precision import autocast
+
         groups = [list(range(len(images)))]
         if self.group_by_orientation:
             sizes = [input_size(*image.shape[1:], self.min_size, self.max_size) for image in images]
@@ -121,6 +138,8 @@ class Segmenter:
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8[h, w, 3] -> float32[3, h, w] in 0..1 on the model's device."""
+        import torch
+
         # A copy: Ray hands batches over as read-only views of the object store.
         image = torch.tensor(pixels, device=self.device)
         return image.permute(2, 0, 1).float().div_(255)

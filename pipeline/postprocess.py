@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from mrcnn.categories import Category
-from mrcnn.rle import masks_to_rle
 from pipeline import output
 from pipeline.shared_storage import StorageMarker
 
@@ -29,6 +27,11 @@ def rows_from_detections(
     `categories[i - 1]`. An error row keeps its path and error, null width/height when the image
     could not be read (0 from decode), and empty instance lists.
     """
+    # Imported here: the job's driver imports this module for `finish_batch` and never encodes.
+    import torch
+
+    from mrcnn.rle import masks_to_rle
+
     columns: dict[str, list] = {name: [] for name in output.SCHEMA.names}
     for row, path in enumerate(batch["path"]):
         width, height = int(batch["width"][row]), int(batch["height"][row])
@@ -37,11 +40,9 @@ def rows_from_detections(
         labels = np.asarray(batch["labels"][row], np.int64).reshape(-1)
         masks: list[str] = []
         if len(boxes):
-            # A writable copy: Ray hands batches over read-only, zero-copy from the object store.
-            probs = torch.as_tensor(np.array(batch["mask_probs"][row], np.float32))
-            counts = masks_to_rle(
-                probs.unsqueeze(1), torch.from_numpy(boxes), height, width, MASK_THRESHOLD
-            )
+            # Writable copies: Ray hands batches over read-only, zero-copy from the object store.
+            probs = torch.tensor(np.asarray(batch["mask_probs"][row], np.float32))
+            counts = masks_to_rle(probs.unsqueeze(1), torch.tensor(boxes), height, width, MASK_THRESHOLD)
             masks = [c.decode("ascii") for c in counts]
         found = [categories[label - 1] for label in labels.tolist()]
         columns["path"].append(str(path))

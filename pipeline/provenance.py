@@ -33,8 +33,7 @@ import tomllib
 from importlib import metadata
 
 from mrcnn import storage
-from mrcnn.model_folder import SPEC_FILE, WEIGHTS_FILE
-from mrcnn.weights import TORCHVISION_PREFIX, torchvision_cache_path
+from mrcnn.model_spec import SPEC_FILE, TORCHVISION_PREFIX, WEIGHTS_FILE
 from pipeline import output
 
 JOB_FILE = "_JOB.json"
@@ -52,6 +51,9 @@ class ProvenanceMismatch(Exception):
 def job_record(model_uri: str, score_threshold: float, max_pixels: int) -> dict:
     """The `_JOB.json` content of a job with these settings; reads (hashes) the model's files."""
     if model_uri.startswith(TORCHVISION_PREFIX):
+        # torchvision's weights registry, imported only here: the driver stays torch-free.
+        from mrcnn.weights import torchvision_cache_path
+
         cached = torchvision_cache_path(model_uri[len(TORCHVISION_PREFIX) :])
         if os.path.exists(cached):
             weights_hash = _sha256(cached)

@@ -22,9 +22,14 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import ray
-from ray.train.torch import TorchConfig
+
+if TYPE_CHECKING:
+    # `ray.train.torch` imports torch: imported where it is used, so that a segmentation job's
+    # driver, which checks this module's Ray Data names, stays torch-free.
+    from ray.train.torch import TorchConfig
 
 WRITTEN_FOR = "2.60"
 
@@ -115,6 +120,8 @@ def _torch_backend_class() -> type:
 
 def cuda_checked_torch_config() -> TorchConfig:
     """A `TorchConfig` whose workers run `pipeline.gpu.require_cuda` before the process group."""
+    from ray.train.torch import TorchConfig
+
     base = _torch_backend_class()
 
     class CudaCheckedBackend(base):
@@ -153,17 +160,24 @@ def is_worker_group_start_timeout(error: BaseException) -> bool:
     return type(error).__name__ == "WorkerGroupStartupTimeoutError"
 
 
-def check_ray_version() -> None:
-    """Raise `RayCompatError` (one line) when a private name listed above is missing or renamed."""
-    _torch_backend_class()
+def check_ray_version(training: bool = True) -> None:
+    """Raise `RayCompatError` (one line) when a private name listed above is missing or renamed.
+
+    `training=False` checks only the Ray Data names (4.), without importing Ray Train's torch
+    backend, which imports torch: what a segmentation job's driver needs.
+    """
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
-    from ray.train.v2._internal import constants, exceptions
 
     if ExecutionCallback is object:
         _missing("ray.data._internal.execution.execution_callback.ExecutionCallback")
     # An attribute the constructor assigns is among the names its code stores.
     if "_topology" not in StreamingExecutor.__init__.__code__.co_names:
         _missing("StreamingExecutor._topology")
+    if not training:
+        return
+    _torch_backend_class()
+    from ray.train.v2._internal import constants, exceptions
+
     if not hasattr(exceptions, "WorkerGroupStartupTimeoutError"):
         _missing("ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError")
     for name, value in (

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -439,6 +440,50 @@ def test_killing_an_inference_actor_mid_run_loses_and_duplicates_nothing(tmp_pat
     assert sorted(row["path"] for row in rows) == [f"{images}/{i:02d}.png" for i in range(count)]
     success = json.loads((output / "_SUCCESS.json").read_text())
     assert (success["images"], success["duplicate_paths"]) == (count, 0)
+
+
+def test_actors_that_do_not_fit_a_local_ray_end_the_job_at_once(tmp_path, model_dir, ray_local, capsys):
+    """A Ray of the job's own never grows: no wait for `--resource-timeout`, one line at once."""
+    write_files(str(tmp_path / "images"), GOOD)
+    output = str(tmp_path / "out")
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert run(*segment_args(str(tmp_path / "images"), output, model_dir, "--cpus-per-actor", str(cpus))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not fit this Ray's" in err and "--num-cpus" in err
+    assert not [path for path in storage.iter_files(output) if path.endswith(".parquet")]
+
+
+def test_corrupt_weights_end_the_job_with_the_model_error_not_a_retry_hint(
+    tmp_path, model_dir, ray_local, capsys
+):
+    """Weights only the actor reads (model.json is fine): the model's error, no "re-run" advice."""
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "weights.pt").write_bytes((broken / "weights.pt").read_bytes()[:1000])
+    write_files(str(tmp_path / "images"), GOOD)
+    assert run(*segment_args(str(tmp_path / "images"), str(tmp_path / "out"), str(broken))) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("segment: error: ModelError:") and "weights.pt: not a torch checkpoint" in err
+    assert "re-run" not in err
+
+
+def test_the_driver_never_imports_torch(tmp_path, model_dir):
+    """torch and torchvision load on the actors and tasks only: the driver's start-up stays short."""
+    write_files(str(tmp_path / "images"), GOOD)
+    argv = segment_args(str(tmp_path / "images"), str(tmp_path / "out"), model_dir, "--num-cpus", "2")
+    script = (
+        "import sys\n"
+        "from jobs import segment\n"
+        f"code = segment.main({argv!r})\n"
+        "print(code, 'torch' in sys.modules, 'torchvision' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert result.stdout.split()[-3:] == ["0", "False", "False"]
+    assert len(read_rows(str(tmp_path / "out"))) == len(GOOD)
 
 
 def test_a_local_ray_started_by_a_job_serves_its_dashboard_on_localhost_only():
