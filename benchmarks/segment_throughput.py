@@ -24,8 +24,10 @@ and torchvision imports and the model load). Each round therefore also runs the 
 quarter of the images: the difference of the two runs' seconds is the job's time for the other
 three quarters, start-up cancelled, which gives its steady-state rate, what a job over millions of
 images sees. The paths take turns for `--rounds` rounds and each keeps its best round, which damps
-the noise of a shared machine. The last line gives the ratios: job/bare end to end (the whole
-command) and job/docs pipeline.
+the noise of a shared machine. The last lines give the ratios, job/bare end to end (the whole
+command) and at steady state, and job/docs pipeline, and the number of images from which the
+job's whole command reaches 0.9 of the bare loop (`images_for_ratio`: the fixed start-up repaid
+by the steady-state rate).
 """
 
 from __future__ import annotations
@@ -106,6 +108,15 @@ def job_command(model_dir: str, images: str, output: str, args: argparse.Namespa
     ]  # fmt: skip
 
 
+def images_for_ratio(ratio: float, bare: float, steady: float, start_up: float) -> float:
+    """Images from which `images / (start_up + images / steady)` is at least `ratio * bare`.
+
+    Infinite when the steady state itself is below `ratio * bare`.
+    """
+    gain = 1 / (ratio * bare) - 1 / steady
+    return start_up / gain if gain > 0 else float("inf")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     size = args.size or (256 if args.images == "shapes" else 800)
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(c) Ray docs pipeline, the whole command: {docs:.2f} images/s")
         ratios = f"ratio job/bare: {job / bare:.2f} end to end, {steady / bare:.2f} steady state"
         print(ratios + (f"; job/docs pipeline: {job / docs:.2f}" if docs else ""))
+        needed = images_for_ratio(0.9, bare, steady, start_up)
+        print(f"0.9 of the bare loop end to end from about {needed:.0f} images of this kind")
     return 0
 
 

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--actors",
         type=actor_range,
-        default=(1, 1),
+        default=None,
         metavar="N|MIN-MAX",
-        help="inference actors: a fixed number or an autoscaling range (default 1)",
+        help="inference actors: a fixed number or an autoscaling range (default: on a local Ray "
+        "without GPUs, one per core as memory allows; on a cluster or with GPUs, 1)",
     )
     parser.add_argument(
         "--gpus-per-actor",
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded(float, 0.0, above=True),
         default=None,
         help="CPUs per inference actor, and its torch threads (default: on a local Ray, its CPUs "
-        "but one shared among the actors, which leaves one for decode and RLE tasks; on a "
-        "cluster or with GPUs, 1)",
+        "but one shared among the actors, which leaves one for decode and RLE tasks: 1 with the "
+        "default --actors; on a cluster or with GPUs, 1)",
     )
     parser.add_argument(
         "--score-threshold",

@@ -8,7 +8,8 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
    the model's input size, and turn bad files into error rows.
 3. `Segmenter` (`pipeline.inference`): an actor pool, fixed (`actors=(N, N)`) or autoscaling
    (`(MIN, MAX)`), each actor loading the model once, with `cpus_per_actor` CPUs (and as many torch
-   threads; by default every CPU of a local Ray but one, `pipeline.actor_sizing`) and
+   threads; by default on a local Ray, one actor of one CPU per core as memory allows, leaving
+   one CPU for the tasks, `pipeline.actor_sizing`) and
    `gpus_per_actor` GPUs. On a cluster the job joined, the GPUs are requested
    whatever the cluster holds at the start, so that an autoscaler launches GPU nodes; on a Ray of
    the job's own they are requested only when the machine has GPUs (`pipeline.gpu`). On a cluster
@@ -27,11 +28,12 @@ The driver only iterates over those count rows (Ray Data's progress bar shows th
 then checks the output (`pipeline.output_check.summarize`): rows, errors, instances, and that no path
 appears twice. Exactly-once and resume are described in `pipeline.output`.
 
-Ray Data fuses a task stage into the actor stage that follows it when their resources match, which
-would decode on the inference actor. GPU actors and the default multi-CPU actors of a local Ray
-differ from the decode tasks in resources, which keeps decoding on CPU tasks by Ray Data's
-documented rule; for one-CPU actors the actors' runtime environment (their `OMP_NUM_THREADS`)
-does it, an undocumented rule listed in `pipeline.ray_compat`.
+Ray Data fuses a task stage into the actor stage that follows it when their resource requirements
+are compatible, which would decode on the inference actor. The actors differ from the decode
+tasks in what they ask for, which keeps decoding on CPU tasks by that documented rule: a GPU
+actor asks for a GPU, a CPU actor for the memory its model and activations need
+(`pipeline.actor_sizing.actor_memory_bytes`), which is also what keeps Ray from packing more
+actors on a node than its memory holds.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import ray
 
 from mrcnn.model_spec import ModelError, load_spec
 from pipeline import output
-from pipeline.actor_sizing import actor_cpus
+from pipeline.actor_sizing import actor_count, actor_cpus, actor_memory_bytes
 from pipeline.decode import decode_batch
 from pipeline.done_set import committed_path_hashes
 from pipeline.gpu import GpuUnavailableError, gpus_to_request
@@ -53,7 +55,6 @@ from pipeline.inputs import InputSpec
 from pipeline.listing import PathDatasource
 from pipeline.output_check import OutputSummary, remove_duplicates, summarize
 from pipeline.postprocess import finish_batch
-from pipeline.ray_compat import unfused_actor_runtime_env
 from pipeline.ray_errors import one_line
 from pipeline.shared_storage import SharedStorageError, StorageMarker
 
@@ -84,7 +85,8 @@ class SegmentConfig:
     output_uri: str
     model_uri: str
     batch_size: int = 4
-    actors: tuple[int, int] = (1, 1)
+    # None: `pipeline.actor_sizing.actor_count` chooses.
+    actors: tuple[int, int] | None = None
     gpus_per_actor: float = 1.0
     # None: `pipeline.actor_sizing.actor_cpus` chooses.
     cpus_per_actor: float | None = None
@@ -155,19 +157,18 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
 
 def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
-    cpus_per_actor, gpus = _actor_resources(config)
-    low, high = config.actors
+    request = _actor_request(config, spec.min_size, spec.max_size)
+    low, high = request.actors
     cpus = ray.cluster_resources().get("CPU", 0)
-    threads = max(1, int(cpus_per_actor))
     if not config.joined_cluster:
-        _check_local_fit(low, cpus_per_actor, gpus)
-    elif cpus - low * cpus_per_actor < 1:
+        _check_local_fit(request)
+    elif cpus - low * request.cpus < 1:
         logger.warning(
             "%d inference actors of %g CPUs leave less than one of the cluster's %g CPUs for the "
             "decode and RLE tasks: the job waits until the cluster grows (or lower "
             "--cpus-per-actor / --actors)",
             low,
-            cpus_per_actor,
+            request.cpus,
             cpus,
         )
     dataset = ray.data.read_datasource(
@@ -191,15 +192,15 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
         fn_constructor_kwargs={
             "model_uri": config.model_uri,
             "score_threshold": config.score_threshold,
-            "num_threads": threads,
-            "use_gpu": gpus > 0,
+            "num_threads": max(1, int(request.cpus)),
+            "use_gpu": request.gpus > 0,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus or None,
-        runtime_env=unfused_actor_runtime_env(threads),
+        num_cpus=request.cpus,
+        num_gpus=request.gpus or None,
+        memory=request.memory,
     )
     return dataset.map_batches(
         finish_batch,
@@ -232,8 +233,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
                 counts[name] += int(batch[name].sum())
     except ray.exceptions.GetTimeoutError as error:
         raise SegmentError(
-            f"the cluster gave no room for {config.actors[0]} inference actor(s) of "
-            f"{_resources_text(config)} within {config.resource_timeout_s:g} s: "
+            f"the cluster gave no room for {_resources_text(config)} within {config.resource_timeout_s:g} s: "
             f"no node has them free and none was added (an autoscaler without a node type that "
             f"fits, or at its max_workers); lower --actors/--cpus-per-actor/--gpus-per-actor or "
             f"add such nodes (Ray: {one_line(error)})"
@@ -268,36 +268,62 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     return report
 
 
-def _actor_resources(config: SegmentConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) each inference actor asks for, from the flags and what the cluster holds."""
+@dataclass(frozen=True)
+class ActorRequest:
+    """What the inference actor pool asks Ray for.
+
+    `actors`: the pool's (MIN, MAX) size; `cpus`, `gpus`: per actor; `memory`: bytes per CPU actor
+    (`pipeline.actor_sizing.actor_memory_bytes`), None for a GPU actor, whose model and
+    activations live on the GPU.
+    """
+
+    actors: tuple[int, int]
+    cpus: float
+    gpus: float
+    memory: int | None
+
+    def describe(self) -> str:
+        """`2 inference actor(s) of 1 CPUs and 1.1 GiB`: what the first actors ask for."""
+        text = f"{self.actors[0]} inference actor(s) of {self.cpus:g} CPUs"
+        if self.gpus:
+            text += f" and {self.gpus:g} GPU"
+        if self.memory:
+            text += f" and {self.memory / (1 << 30):.1f} GiB"
+        return text
+
+
+def _actor_request(config: SegmentConfig, min_size: int, max_size: int) -> ActorRequest:
+    """The actor pool's request, from the flags and what the cluster holds."""
     resources = ray.cluster_resources()
+    cluster_cpus = resources.get("CPU", 0)
     gpus = gpus_to_request(config.gpus_per_actor, config.joined_cluster, resources.get("GPU", 0))
-    cpus = actor_cpus(
-        config.cpus_per_actor, resources.get("CPU", 0), config.actors[0], gpus, config.joined_cluster
+    memory = actor_memory_bytes(min_size, max_size, config.batch_size)
+    actors = actor_count(
+        config.actors, cluster_cpus, resources.get("memory", 0), memory, gpus, config.joined_cluster
     )
-    return cpus, gpus
+    cpus = actor_cpus(config.cpus_per_actor, cluster_cpus, actors[0], gpus, config.joined_cluster)
+    return ActorRequest(actors, cpus, gpus, None if gpus else memory)
 
 
-def _check_local_fit(actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
-    """Raise `SegmentError` unless `actors` inference actors and a decode task fit this Ray now.
+def _check_local_fit(request: ActorRequest) -> None:
+    """Raise `SegmentError` unless the first actors and a decode task fit this Ray now.
 
     For a Ray that is not a cluster the job joined: its resources are what they will ever be, so a
     pool that does not fit would wait forever.
     """
     resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if actors * cpus_per_actor + 1 > cpus or actors * gpus_per_actor > gpus:
-        wanted = f"{actors} inference actor(s) of {cpus_per_actor:g} CPUs" + (
-            f" and {gpus_per_actor:g} GPU" if gpus_per_actor else ""
-        )
+    cpus, gpus, memory = (resources.get(name, 0) for name in ("CPU", "GPU", "memory"))
+    low = request.actors[0]
+    if low * request.cpus + 1 > cpus or low * request.gpus > gpus or low * (request.memory or 0) > memory:
         raise SegmentError(
-            f"{wanted}, plus 1 CPU for the decode and RLE tasks, do not fit this Ray's {cpus:g} CPUs "
-            f"and {gpus:g} GPUs: lower --actors/--cpus-per-actor/--gpus-per-actor or raise "
-            f"--num-cpus (a local Ray's CPUs are logical)"
+            f"{request.describe()}, plus 1 CPU for the decode and RLE tasks, do not fit this Ray's "
+            f"{cpus:g} CPUs, {gpus:g} GPUs and {memory / (1 << 30):.1f} GiB of memory: lower "
+            f"--actors/--cpus-per-actor/--gpus-per-actor/--batch-size or raise --num-cpus (a local "
+            f"Ray's CPUs are logical)"
         )
 
 
 def _resources_text(config: SegmentConfig) -> str:
-    """`2 CPUs and 1 GPU`: what one inference actor asks for."""
-    cpus, gpus = _actor_resources(config)
-    return f"{cpus:g} CPUs" + (f" and {gpus:g} GPU" if gpus else "")
+    """What the first inference actors ask for, in words."""
+    spec = load_spec(config.model_uri)
+    return _actor_request(config, spec.min_size, spec.max_size).describe()

@@ -14,8 +14,10 @@ The names:
 4. `ray.data._internal.execution.execution_callback.ExecutionCallback` and the streaming
    executor's `_topology`: the idle backoff of Ray Data's scheduling loop.
 5. `ray.init(_system_config={"num_workers_soft_limit": N})`: idle task workers kept alive.
-6. Undocumented behaviour: Ray Data fuses a task stage into the actor stage after it unless their
-   resources or runtime environments differ (see `UNFUSED_RUNTIME_ENV`).
+
+Replaced by a public way, and so no longer here: the runtime env that kept one-CPU inference
+actors from fusing with the decode tasks (the actors now ask for the memory they need, and Ray
+Data's documented rule keeps stages with different resource requirements apart).
 """
 
 from __future__ import annotations
@@ -56,24 +58,6 @@ TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # to turn a time budget into a number of tries.
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
-
-# 6. Ray Data 2.60 fuses a task `map_batches` into the actor `map_batches` that follows it when
-# their resources and runtime environments match, which would decode images on the inference
-# actor (serially, on the accelerator's host process). Ray Data's docs promise only that operators
-# with compatible resource requirements are fused: a GPU actor, or a CPU actor of more than one
-# CPU (the default on a local Ray of 2+ cores, `pipeline.actor_sizing`), differs from the decode
-# tasks' one CPU and stays apart by that documented rule. A one-CPU CPU actor (on a cluster by
-# default) does not: there the actor's runtime env (`OMP_NUM_THREADS`, which Ray would set to the
-# same value) is what keeps the stages apart, and Ray Data's docs do not promise that.
-# `tests/test_segment.py::test_decoding_runs_on_tasks_not_on_the_inference_actor` (one-CPU actors)
-# fails if an upgrade changes it. Watch: ray-project/ray `python/ray/data/
-# _internal/logical/rules/operator_fusion.py`.
-
-
-def unfused_actor_runtime_env(threads: int) -> dict:
-    """The inference actors' runtime env: their thread count, which also keeps decode unfused."""
-    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
-
 
 # 5. While actors hold a node's CPUs, Ray 2.60 kills an idle task worker a moment after it goes
 # idle, so each short decode task started a new Python process that imported torch again
