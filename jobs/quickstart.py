@@ -57,8 +57,8 @@ OVERLAY_MIN_SCORE = 0.5
 EVALUATION_SCORE_THRESHOLD = 0.05
 # Of the budget, what training must leave for segmentation, evaluation, overlays and the summary:
 # a fixed part (the segmentation job's Ray Data start-up, its actor's model load) and a part per
-# validation image. On the 2-core sandbox these steps took 11 s for 200 images (BENCHMARKS.md);
-# the reserve allows a machine twice as slow, or busier, to still end in time.
+# validation image, set well above what these steps took on the 2-core sandbox (BENCHMARKS.md,
+# "With the 10-minute budget") so that a machine twice as slow, or busier, still ends in time.
 RESERVE_FIXED_S = 20.0
 RESERVE_PER_VAL_IMAGE_S = 0.12
 
@@ -225,16 +225,15 @@ def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
         "--train-annotations", os.path.join(paths.train, "annotations.json"),
         "--train-images", os.path.join(paths.train, "images"),
         # No validation set here: step 5 scores the segmentation output of the same held-out
-        # images with the same COCOeval (both gave segm AP 0.620 in BENCHMARKS.md), and a
-        # validation pass per epoch would cost ~25 s of the 10-minute budget each time.
+        # images with the same COCOeval (the two agreed exactly, BENCHMARKS.md "Before the
+        # budget"), and a validation pass per epoch would take its share of the budget each time.
         "--output", paths.run,
         "--preset", args.preset,
         "--num-workers", str(args.num_workers),
         "--epochs", str(args.epochs),
-        # Calibrated on the shapes from scratch (BENCHMARKS.md): in 200 steps of 8 images AdamW
-        # reached segm AP 0.22 where SGD reached 0.04, and 0.002 per 8 images beat 0.001 (and
-        # 0.003 over the whole 5-epoch demo: segm AP 0.608 vs 0.651). The job's --lr is per 16
-        # images and scaled to the total batch.
+        # Calibrated on the shapes from scratch (BENCHMARKS.md, "Training the small preset from
+        # scratch"): AdamW learns them several times faster than SGD, and 0.002 per 8 images beat
+        # both 0.001 and 0.003. The job's --lr is per 16 images and scaled to the total batch.
         "--optimizer", "adamw",
         "--lr", "0.004",
         "--warmup-iters", "50",
@@ -244,7 +243,7 @@ def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
 
 def training_precision(args: argparse.Namespace) -> str:
     """`--amp` resolved. "auto": on a GPU bf16 where it is native, else fp16 (with the scaler);
-    on a CPU float32, even one with AMX: there the 10-minute demo trained 1.14x the steps in bf16
+    on a CPU float32, even one with AMX: there the 10-minute demo trained a few more steps in bf16
     but reached no better AP (BENCHMARKS.md, "With the 10-minute budget")."""
     if args.amp != "auto":
         return args.amp

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded(float, 0.0, above=True),
         default=None,
         help="CPUs per inference actor, and its torch threads (default: on a local Ray, its CPUs "
-        "but one shared among the actors, which leaves one for decode and RLE tasks: 1 with the "
-        "default --actors; on a cluster or with GPUs, 1)",
+        "but two shared among the actors, which leaves two for the listing, decode and RLE tasks: "
+        "1 with the default --actors; on a cluster or with GPUs, 1)",
     )
     parser.add_argument(
         "--score-threshold",
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded(int, 1),
         default=None,
         help="logical CPUs of the local Ray started when RAY_ADDRESS is not set (default: the "
-        "machine's cores plus one, so that decode tasks run beside actors that use every core)",
+        "machine's cores plus two, so that the listing, decode and RLE tasks run beside actors "
+        "that use every core)",
     )
     return parser
 

@@ -1,8 +1,12 @@
 """How many CPUs a segmentation job's local Ray gets, and how its inference actors share them.
 
 Defaults for the machine a job starts its own Ray on, where a user types no tuning flag. Ray's CPUs
-are logical: the local Ray gets one more than the machine has cores, and the actors take every
-CPU but one, which runs the short decode and RLE + commit tasks between the actors' forwards.
+are logical: the local Ray gets `TASK_CPUS` more than the machine has cores, and the actors take
+every CPU but those, which run the listing's cut into batches and the short decode and RLE +
+commit tasks between the actors' forwards. Two, not one: with one, the task that cuts the
+listing into batches held it while the decode tasks waited for it, and the actors sat idle until
+the whole listing was cut (BENCHMARKS.md, "Start-up of the whole command and one actor per
+core").
 
 How the actors share the cores: one actor per core, each running torch on one thread, as many as
 memory holds (`actor_memory_bytes`); fewer actors take more CPUs and threads each. Separate
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import os
 
+# Logical CPUs of a local Ray left to the tasks beside the inference actors.
+TASK_CPUS = 2
+
 # Peak resident memory of a CPU inference actor: the process with torch and the model before its
 # first forward, plus the forward's activations per input pixel of a batch. Rounded up from the
 # ResNet-50 figures in BENCHMARKS.md ("Start-up of the whole command and one actor per core"):
@@ -30,8 +37,8 @@ ACTIVATION_BYTES_PER_PIXEL = 640
 
 
 def local_ray_cpus() -> int:
-    """Logical CPUs of a local Ray started by a job: this machine's cores plus one."""
-    return (os.cpu_count() or 1) + 1
+    """Logical CPUs of a local Ray started by a job: this machine's cores plus `TASK_CPUS`."""
+    return (os.cpu_count() or 1) + TASK_CPUS
 
 
 def actor_memory_bytes(min_size: int, max_size: int, batch_size: int) -> int:
@@ -65,7 +72,7 @@ def actor_count(
         return requested
     if gpus > 0 or joined_cluster:
         return (1, 1)
-    count = max(1, min(int(cluster_cpus) - 1, int(cluster_memory // actor_memory)))
+    count = max(1, min(int(cluster_cpus) - TASK_CPUS, int(cluster_memory // actor_memory)))
     return (count, count)
 
 
@@ -85,4 +92,4 @@ def actor_cpus(
         return requested
     if gpus > 0 or joined_cluster:
         return 1.0
-    return float(max(1, int(cluster_cpus - 1) // max(1, actors)))
+    return float(max(1, int(cluster_cpus - TASK_CPUS) // max(1, actors)))

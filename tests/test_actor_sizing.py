@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 
-from pipeline.actor_sizing import actor_count, actor_cpus, actor_memory_bytes, local_ray_cpus
+from pipeline.actor_sizing import TASK_CPUS, actor_count, actor_cpus, actor_memory_bytes, local_ray_cpus
 
 GIB = 1 << 30
 SMALL = actor_memory_bytes(min_size=128, max_size=128, batch_size=8)
 R50 = actor_memory_bytes(min_size=800, max_size=1333, batch_size=4)
 
 
-def test_a_local_ray_has_a_cpu_more_than_the_machine_and_one_single_thread_actor_per_core():
+def test_a_local_ray_has_two_cpus_more_than_the_machine_and_one_single_thread_actor_per_core():
     cpus = local_ray_cpus()
-    assert cpus == (os.cpu_count() or 1) + 1
+    assert cpus == (os.cpu_count() or 1) + TASK_CPUS == (os.cpu_count() or 1) + 2
     actors = actor_count(None, cpus, 16 * GIB, SMALL, gpus=0, joined_cluster=False)
     assert actors == (os.cpu_count(), os.cpu_count())
     assert actor_cpus(None, cpus, actors=actors[0], gpus=0, joined_cluster=False) == 1
@@ -29,7 +29,7 @@ def test_memory_bounds_the_actors_of_a_large_model_which_then_take_more_threads(
 
 
 def test_several_local_actors_share_the_cpus_that_decode_leaves():
-    assert actor_cpus(None, 17, actors=4, gpus=0, joined_cluster=False) == 4
+    assert actor_cpus(None, 18, actors=4, gpus=0, joined_cluster=False) == 4
     assert actor_cpus(None, 3, actors=4, gpus=0, joined_cluster=False) == 1
 
 
