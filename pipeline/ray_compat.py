@@ -15,6 +15,10 @@ The names:
    executor's `_topology`: the idle backoff of Ray Data's scheduling loop.
 5. `ray.init(_system_config={"num_workers_soft_limit": N})`: idle task workers kept alive.
 
+Tests use a few more, which no job runs: Ray's own autoscaler config validation
+(`ray.autoscaler._private`, in `tests/test_cluster_*.py`) and Ray's constants and node info in
+`tests/ray_cluster.py` and `tests/test_segment.py`; an upgrade that moves them fails those tests.
+
 Replaced by a public way, and so no longer here: the runtime env that kept one-CPU inference
 actors from fusing with the decode tasks (the actors now ask for the memory they need, and Ray
 Data's documented rule keeps stages with different resource requirements apart).

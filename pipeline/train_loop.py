@@ -273,16 +273,25 @@ class _Run:
     def _validate(self) -> dict | None:
         """COCO stats of the model on the validation set, on rank 0 (None elsewhere); a collective."""
         self.model.eval()
+        images = 0
+
+        def counted(batches):
+            nonlocal images
+            for image_ids, pixels in batches:
+                images += len(image_ids)
+                yield image_ids, pixels
+
         try:
             batches = []
             if self.val_shard is not None:
                 batches = self.val_shard.iter_torch_batches(
                     batch_size=self.config.batch_size, collate_fn=ValidationCollate(), prefetch_batches=2
                 )
-            detections = detect(self.model, batches, self.config.categories, self.device, self.config.amp)
+            config = self.config
+            detections = detect(self.model, counted(batches), config.categories, self.device, config.amp)
         finally:
             set_training_mode(self.model, self.config)
-        return gather_and_score(detections, self.ground_truth, self.rank)
+        return gather_and_score(detections, images, self.ground_truth, self.rank)
 
     def _tensorboard_validation(self, record: dict) -> None:
         if self.tensorboard is None:

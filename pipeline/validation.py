@@ -54,15 +54,21 @@ def detect(
     return detections
 
 
-def gather_and_score(detections: list[dict], ground_truth: dict | None, rank: int) -> dict | None:
+def gather_and_score(
+    detections: list[dict], images: int, ground_truth: dict | None, rank: int
+) -> dict | None:
     """COCOeval stats of every worker's `detections` together, on rank 0; None on other ranks.
 
-    Every worker must call it (a collective); without a process group it scores `detections`.
+    `images`: how many validation images this worker ran the model on. The result holds COCOeval's
+    stats per IoU type and `val_images`, the workers' images together (every image of the
+    validation set when no shard lost one). Every worker must call it (a collective); without a
+    process group it scores `detections`.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[list[dict]] | None = [[] for _ in range(dist.get_world_size())] if rank == 0 else None
-        dist.gather_object(detections, gathered, dst=0)
+        gathered: list | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object((detections, images), gathered, dst=0)
         if rank != 0:
             return None
-        detections = [d for part in gathered for d in part]
-    return evaluate_coco(ground_truth, detections)
+        detections = [d for part, _ in gathered for d in part]
+        images = sum(count for _, count in gathered)
+    return {**evaluate_coco(ground_truth, detections), "val_images": images}

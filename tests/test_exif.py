@@ -196,5 +196,5 @@ def test_a_dataset_of_oriented_images_trains_and_validates_on_every_image(exif_s
     (epoch,) = read_history(str(tmp_path / "run" / "metrics.jsonl"))
     assert epoch["images"] == 6
     assert "left out" not in result.stdout + result.stderr
-    # COCOeval reports -1 when it scored no ground truth: here every image's objects were scored.
-    assert epoch["segm"]["AP"] != -1 and epoch["bbox"]["AP"] != -1
+    # Every image validated, over both workers' shards.
+    assert epoch["val_images"] == 6
