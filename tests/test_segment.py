@@ -420,12 +420,15 @@ def test_killing_an_inference_actor_mid_run_loses_and_duplicates_nothing(tmp_pat
         start_new_session=True,
     )
     try:
+        # Wait for the first committed file and the actor's process, both: Ray retitles a process
+        # between tasks, so one look at /proc may miss the actor that wrote the file.
         deadline = time.monotonic() + 300
-        while not list(output.glob("part-*.parquet")):
-            assert driver.poll() is None, "the driver ended before it committed anything"
+        actors: list[int] = []
+        while not (list(output.glob("part-*.parquet")) and actors):
+            assert driver.poll() is None, "the driver ended before the kill"
             assert time.monotonic() < deadline
+            actors = segment_processes(marker, "MapBatches(Segmenter)")
             time.sleep(0.01)
-        actors = segment_processes(marker, "MapBatches(Segmenter)")
         assert len(actors) == 1
         os.kill(actors[0], signal.SIGKILL)
         committed_before_the_kill = len(read_rows(str(output)))
