@@ -2,8 +2,9 @@
 
 `load_spec` runs in the driver of every job to check `--model` before Ray starts and to size the
 decode stage; nothing here imports torch or torchvision (their import costs a job's driver about
-3 s of start-up, BENCHMARKS.md "Start-up of the whole command"), except for a `torchvision:` name,
-whose categories torchvision holds. Loading and saving the weights is `mrcnn.model_folder`.
+3 s of start-up, BENCHMARKS.md "Start-up of the whole command and one actor per core"), except
+for a `torchvision:` name, whose categories torchvision holds. Loading and saving the weights is
+`mrcnn.model_folder`.
 """
 
 from __future__ import annotations

@@ -157,11 +157,12 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
 
 def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
-    request = _actor_request(config, spec.min_size, spec.max_size)
+    resources = ray.cluster_resources()
+    request = _actor_request(config, spec.min_size, spec.max_size, resources)
     low, high = request.actors
-    cpus = ray.cluster_resources().get("CPU", 0)
+    cpus = resources.get("CPU", 0)
     if not config.joined_cluster:
-        _check_local_fit(request)
+        _check_local_fit(request, resources)
     elif cpus - low * request.cpus < 1:
         logger.warning(
             "%d inference actors of %g CPUs leave less than one of the cluster's %g CPUs for the "
@@ -292,9 +293,11 @@ class ActorRequest:
         return text
 
 
-def _actor_request(config: SegmentConfig, min_size: int, max_size: int) -> ActorRequest:
-    """The actor pool's request, from the flags and what the cluster holds."""
-    resources = ray.cluster_resources()
+def _actor_request(
+    config: SegmentConfig, min_size: int, max_size: int, resources: dict[str, float]
+) -> ActorRequest:
+    """The actor pool's request, from the flags and what the cluster holds (`resources`, Ray's
+    `cluster_resources()`)."""
     cluster_cpus = resources.get("CPU", 0)
     gpus = gpus_to_request(config.gpus_per_actor, config.joined_cluster, resources.get("GPU", 0))
     memory = actor_memory_bytes(min_size, max_size, config.batch_size)
@@ -305,13 +308,12 @@ def _actor_request(config: SegmentConfig, min_size: int, max_size: int) -> Actor
     return ActorRequest(actors, cpus, gpus, None if gpus else memory)
 
 
-def _check_local_fit(request: ActorRequest) -> None:
-    """Raise `SegmentError` unless the first actors and a decode task fit this Ray now.
+def _check_local_fit(request: ActorRequest, resources: dict[str, float]) -> None:
+    """Raise `SegmentError` unless the first actors and a decode task fit this Ray's `resources`.
 
     For a Ray that is not a cluster the job joined: its resources are what they will ever be, so a
     pool that does not fit would wait forever.
     """
-    resources = ray.cluster_resources()
     cpus, gpus, memory = (resources.get(name, 0) for name in ("CPU", "GPU", "memory"))
     low = request.actors[0]
     if low * request.cpus + 1 > cpus or low * request.gpus > gpus or low * (request.memory or 0) > memory:
@@ -326,4 +328,4 @@ def _check_local_fit(request: ActorRequest) -> None:
 def _resources_text(config: SegmentConfig) -> str:
     """What the first inference actors ask for, in words."""
     spec = load_spec(config.model_uri)
-    return _actor_request(config, spec.min_size, spec.max_size).describe()
+    return _actor_request(config, spec.min_size, spec.max_size, ray.cluster_resources()).describe()

@@ -18,10 +18,9 @@ resize moves from the actor, which holds the accelerator, to a CPU task (figures
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from mrcnn.batching import input_size
 from mrcnn.images import ImageDecodeError, decode_image
 from pipeline.read_input import InputMissing, read_input
 
@@ -59,11 +58,10 @@ def decode_batch(
 
 
 def model_input_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The size torchvision's transform resizes a `height x width` image to, when it shrinks it."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    if scale >= 1.0:
-        return height, width
-    return math.floor(height * scale), math.floor(width * scale)
+    """The size torchvision's transform resizes a `height x width` image to when it shrinks it
+    (`mrcnn.batching.input_size`); the image's own size when the model would enlarge it."""
+    size = input_size(height, width, min_size, max_size)
+    return size if size[0] <= height and size[1] <= width else (height, width)
 
 
 def shrink_to_model_size(pixels: np.ndarray, min_size: int, max_size: int) -> np.ndarray:

@@ -23,7 +23,7 @@ Error rows (from decode) pass through untouched, with no detections.
 torch and the model's modules are imported inside the methods, which run on the actors only: the
 job's driver imports this module to hand the class to Ray Data and must not pay torch's and
 torchvision's import first (about 3 s of its start-up on a small machine, BENCHMARKS.md "Start-up
-of the whole command").
+of the whole command and one actor per core").
 """
 
 from __future__ import annotations
