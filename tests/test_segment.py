@@ -350,7 +350,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_every_input_once(tmp_path, model
     """A real kill: the driver and the local Ray it started die mid-run; the re-run completes."""
     count = 60
     images = str(tmp_path / "images")
-    write_files(images, {f"{i:03d}.png": png(64, 64, i) for i in range(count)})
+    write_files(images, {f"{i:02d}.png": png(64, 64, i) for i in range(count)})
     output = tmp_path / "out"
     argv = segment_args(images, str(output), model_dir, "--num-cpus", "2")
     argv[argv.index("--rows-per-file") + 1] = "2"
