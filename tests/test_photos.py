@@ -9,7 +9,7 @@ from mrcnn.photos import photos, write_photos
 
 
 def test_photos_are_distinct_of_both_orientations_with_the_asked_short_side():
-    images = photos(24, short_side=200, seed=1)
+    images = list(photos(24, short_side=200, seed=1))
     assert all(image.dtype == np.uint8 and image.shape[2] == 3 for image in images)
     assert {min(image.shape[:2]) for image in images} == {200}
     portrait = sum(image.shape[0] > image.shape[1] for image in images)
