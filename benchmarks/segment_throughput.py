@@ -2,19 +2,22 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/segment_throughput.py [--images shapes|photos]
         [--preset small] [--num-images 600] [--size 256] [--batch-size 8] [--score-threshold 0.05]
-        [--rounds 2] [--no-docs-pipeline]
+        [--rounds 2] [--amp auto|bf16|off] [--no-docs-pipeline]
 
 The same images, the same random model of `--preset`, all on this machine's CPUs:
 (a) the bare loop, one process, torch on every core: read and decode each image, shrink it to
     the model's input size, batched forward with `paste_masks = False`, `mrcnn.rle.masks_to_rle`
     per image; nothing else (no output). Timed from its first read, the model already loaded.
+    Its forward runs in the precision the job's actors use (`--amp`, "auto" resolved for this
+    CPU by `mrcnn.precision.inference_precision`: bf16 with AMX or AVX512-BF16, else float32).
 (b) `python -m jobs.segment --input ... --output ... --model ... --batch-size B
-    --score-threshold T` with no other flag: the whole command, timed as a subprocess (Python and
-    Ray start-up, listing, actor start, inference, RLE and Parquet commits, the output check and
-    `_SUCCESS.json`).
+    --score-threshold T` with no other flag (`--amp` only when given here other than auto): the
+    whole command, timed as a subprocess (Python and Ray start-up, listing, actor start,
+    inference, RLE and Parquet commits, the output check and `_SUCCESS.json`).
 (c) `benchmarks/ray_docs_pipeline.py`, what Ray's batch-inference documentation leads a user to
     write (`read_images` -> `map_batches` with a callable class, default actor resources ->
-    pycocotools RLE of the pasted masks -> `write_parquet`), also the whole command.
+    pycocotools RLE of the pasted masks -> `write_parquet`), also the whole command, in float32
+    as those pages write it.
 `--images shapes`: generated shapes PNGs of `--size` px (256 by default). `--images photos`: JPEGs
 of the photos scikit-image ships (`mrcnn.photos`), landscape and portrait, shorter side `--size`
 (800 by default, the R50 presets' `min_size`).
@@ -46,6 +49,7 @@ from mrcnn import storage
 from mrcnn.images import decode_image
 from mrcnn.model import build_model
 from mrcnn.model_folder import load_model, save_model_folder, spec_for
+from mrcnn.precision import autocast, inference_precision
 from mrcnn.presets import PRESETS
 from mrcnn.rle import masks_to_rle
 from mrcnn.shapes import CATEGORIES, generate_shapes
@@ -63,11 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=bounded(int, 1), default=8)
     parser.add_argument("--score-threshold", type=bounded(float, 0.0, 1.0), default=0.05)
     parser.add_argument("--rounds", type=bounded(int, 1), default=2)
+    parser.add_argument(
+        "--amp", choices=("auto", "bf16", "off"), default="auto",
+        help="precision of the job's and the bare loop's forward (default auto, the job's default)",
+    )  # fmt: skip
     parser.add_argument("--no-docs-pipeline", action="store_true", help="skip baseline (c)")
     return parser
 
 
-def bare_loop(model_dir: str, paths: list[str], batch_size: int, score_threshold: float) -> float:
+def bare_loop(
+    model_dir: str, paths: list[str], batch_size: int, score_threshold: float, precision: str
+) -> float:
     """Images per second of decode -> shrink -> batched forward -> RLE in this process."""
     torch.set_num_threads(os.cpu_count() or 1)
     model, spec = load_model(model_dir)
@@ -81,7 +91,7 @@ def bare_loop(model_dir: str, paths: list[str], batch_size: int, score_threshold
             .float() / 255
             for pixels in decoded
         ]  # fmt: skip
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(torch.device("cpu"), precision):
             predictions = model(images)
         for pixels, image, prediction in zip(decoded, images, predictions, strict=True):
             scale = torch.tensor([pixels.shape[1] / image.shape[2], pixels.shape[0] / image.shape[1]] * 2)
@@ -105,7 +115,7 @@ def job_command(model_dir: str, images: str, output: str, args: argparse.Namespa
         sys.executable, "-m", "jobs.segment", "--input", images, "--output", output,
         "--model", model_dir, "--batch-size", str(args.batch_size), "--limit", str(limit),
         "--score-threshold", str(args.score_threshold),
-    ]  # fmt: skip
+    ] + ([] if args.amp == "auto" else ["--amp", args.amp])  # fmt: skip
 
 
 def images_for_ratio(ratio: float, bare: float, steady: float, start_up: float) -> float:
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     size = args.size or (256 if args.images == "shapes" else 800)
     cores = os.cpu_count() or 1
+    precision = inference_precision(torch.device("cpu"), args.amp)
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         model = build_model(args.preset, len(CATEGORIES) + 1)
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         bare = job = steady = docs = 0.0
         start_up = float("inf")
         for round_ in range(args.rounds):
-            bare = max(bare, bare_loop(model_dir, paths, args.batch_size, args.score_threshold))
+            bare = max(bare, bare_loop(model_dir, paths, args.batch_size, args.score_threshold, precision))
             out = os.path.join(folder, f"all-{round_}")
             whole = whole_command(job_command(model_dir, images, out, args, len(paths)), out)
             out = os.path.join(folder, f"part-{round_}")
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"{len(paths)} {args.images} of {size} px, preset {args.preset}, batch {args.batch_size}, "
-            f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the end"
+            f"{cores} cores, job and bare loop in {precision} (--amp {args.amp}), "
+            f"load average {os.getloadavg()[0]:.2f} at the end"
         )
         print(f"(a) bare loop: {bare:.2f} images/s")
         print(f"(b) jobs.segment, default flags, the whole command: {job:.2f} images/s")

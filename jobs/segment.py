@@ -23,8 +23,9 @@ from jobs.cli import OneLineParser, bounded
 from mrcnn.model_spec import ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
+from pipeline.inference import PRECISION_CHOICES
 from pipeline.inputs import InputError, check_input
-from pipeline.provenance import ProvenanceMismatch, claim_output, job_record
+from pipeline.provenance import ProvenanceMismatch, check_output, claim_output, job_record
 from pipeline.ray_compat import RayCompatError, check_ray_version
 
 
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="images with more pixels (from the header) become error rows (default 100000000)",
     )
     parser.add_argument(
+        "--amp",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="precision of the forward: auto is bf16 where the actor's hardware computes it "
+        "natively (GPUs with bf16, CPUs with AMX or AVX512-BF16), fp16 on older GPUs, float32 (off) "
+        "elsewhere; box coordinates stay float32 (default auto)",
+    )
+    parser.add_argument(
         "--limit", type=bounded(int, 1), default=None, help="only the first N inputs of the listing"
     )
     parser.add_argument(
@@ -120,22 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         check_ray_version(training=False)
         spec = check_input(args.input, args.limit)
         load_spec(args.model)
-        record = job_record(args.model, args.score_threshold, args.max_pixels)
+        record = job_record(args.model, args.score_threshold, args.max_pixels, args.amp)
     except (RayCompatError, InputError, ModelError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     try:
-        job, notice = claim_output(args.output, record)
+        check_output(args.output, record)
     except ProvenanceMismatch as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     except StorageError as error:
-        # The output could not be read or written (throttling, permissions): a failure of the
-        # run, as when a part file cannot be committed, not a mistake in the command line.
-        print(f"segment: error: {error}; nothing was written, re-run the same command", file=sys.stderr)
-        return 1
-    if notice:
-        print(f"segment: note: {notice}", file=sys.stderr)
+        return _output_unreachable(error)
 
     from pipeline.actor_sizing import local_ray_cpus
     from pipeline.bulk_segmentation import SegmentConfig, SegmentError, run_segmentation
@@ -152,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_actor=args.cpus_per_actor,
         score_threshold=args.score_threshold,
         max_pixels=args.max_pixels,
+        precision=args.amp,
         rows_per_file=args.rows_per_file,
         resource_timeout_s=args.resource_timeout,
-        job=job,
     )
     try:
         with ray_session(num_cpus=args.num_cpus or local_ray_cpus()) as session:
@@ -163,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                     {"--output": args.output}, {"--input": args.input, "--model": args.model}
                 )
                 config = replace(config, joined_cluster=True, output_marker=markers.get("--output"))
-            report = run_segmentation(config)
-    except SharedStorageError as error:
+            try:
+                job, notice = claim_output(args.output, record)
+            except StorageError as error:
+                return _output_unreachable(error)
+            if notice:
+                print(f"segment: note: {notice}", file=sys.stderr)
+            report = run_segmentation(replace(config, job=job))
+    except (SharedStorageError, ProvenanceMismatch) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     except (SegmentError, StorageError) as error:
@@ -189,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _output_unreachable(error: StorageError) -> int:
+    """The output could not be read or written (throttling, permissions): a failure of the run, as
+    when a part file cannot be committed, not a mistake in the command line."""
+    print(f"segment: error: {error}; nothing was written, re-run the same command", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

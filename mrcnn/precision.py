@@ -30,6 +30,38 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "off")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_computes_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16), from Linux's flags.
+
+    Elsewhere torch emulates bf16 on the CPU, slower than float32; an unreadable `cpuinfo` (not
+    Linux) counts as no.
+    """
+    try:
+        with open(cpuinfo) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return False
+
+
+def inference_precision(device: torch.device, requested: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """`requested` ("auto" or one of `PRECISIONS`) resolved for a forward on `device`.
+
+    "auto": bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AMX or
+    AVX512-BF16), fp16 on an older GPU, float32 ("off") on other CPUs. The model keeps pixel
+    coordinates in float32 either way; what bf16 changes is the scores and mask probabilities in
+    their third significant digit (BENCHMARKS.md, "bf16 inference on CPUs").
+    """
+    if requested != "auto":
+        autocast(device, requested)  # validates the name
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_computes_bf16(cpuinfo) else "off"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """`torch.autocast` for `precision` ("bf16", "fp16" or "off") on `device`'s type."""
     if precision not in PRECISIONS:

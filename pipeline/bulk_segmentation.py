@@ -92,6 +92,8 @@ class SegmentConfig:
     cpus_per_actor: float | None = None
     score_threshold: float = 0.5
     max_pixels: int = 100_000_000
+    # The forward's precision, `pipeline.inference.PRECISION_CHOICES`; "auto" is resolved on each actor.
+    precision: str = "auto"
     rows_per_file: int = 256
     joined_cluster: bool = False
     resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
@@ -195,6 +197,7 @@ def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.dat
             "score_threshold": config.score_threshold,
             "num_threads": max(1, int(request.cpus)),
             "use_gpu": request.gpus > 0,
+            "precision": config.precision,
         },
         batch_size=config.batch_size,
         batch_format="numpy",

@@ -4,13 +4,20 @@
 `paste_masks = False`: the actor returns each detection's 28x28 mask probabilities and its box in
 pixels of the original image, and the RLE encoding happens on CPU tasks downstream
 (`pipeline.postprocess`), not on the actor that holds the accelerator. Per detection that is
-28 * 28 * 4 bytes = 3 KB (float32, kept exact so the RLEs equal those of a plain loop), against
-height * width bytes for a pasted mask.
+28 * 28 * 4 bytes = 3 KB (float32, kept exact so the RLEs equal those of a plain loop in the same
+precision), against height * width bytes for a pasted mask.
 
 Threads: Ray sets `OMP_NUM_THREADS` to an actor's `num_cpus` (1 by default), so torch would run
 single-threaded whatever the actor reserved; we set torch's thread count to the CPUs the actor
-reserved, on purpose. On a GPU the forward runs under bf16 autocast, with pixel coordinates
-(anchors, box decoding, box regression) in float32 as the model keeps them (`mrcnn.precision`).
+reserved, on purpose.
+
+Precision (`precision`, the job's `--amp`): "auto" runs the forward under bf16 autocast where the
+actor's hardware computes bf16 natively (a GPU with bf16, a CPU with AMX or AVX512-BF16), fp16
+on an older GPU, float32 elsewhere (`mrcnn.precision.inference_precision`, resolved on the actor:
+a cluster's nodes may differ). Pixel coordinates (anchors, box decoding, box regression) stay
+float32 as the model keeps them; bf16 halves the forward's time on a CPU with AMX and moves
+scores and mask probabilities in their third significant digit (BENCHMARKS.md, "bf16 inference on
+CPUs"). `--amp off` gives float32 everywhere, the numbers of a plain float32 loop.
 An actor that Ray gave a GPU but that sees no CUDA device fails to start, with one line naming
 its node and the cause (`pipeline.gpu.require_cuda`), instead of running on the CPU.
 
@@ -38,6 +45,10 @@ from pipeline.gpu import require_cuda
 if TYPE_CHECKING:
     import torch
 
+# The job's `--amp` values (`mrcnn.precision.PRECISIONS` and "auto"), here so that the driver,
+# which parses the flag, need not import torch.
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "off")
+
 
 class Segmenter:
     """Segment batches of decoded images with the model at `model_uri`.
@@ -46,10 +57,11 @@ class Segmenter:
         model_uri: a model folder (local or s3://) or `torchvision:<builder>`.
         score_threshold: detections scoring at or below it are dropped (torchvision's rule).
         num_threads: torch CPU threads of this actor (the CPUs it reserved).
-        use_gpu: run on CUDA with bf16 autocast (the actor was given a GPU); no CUDA device here
-            is an error (`pipeline.gpu.GpuUnavailableError`), not a fallback to the CPU.
+        use_gpu: run on CUDA (the actor was given a GPU); no CUDA device here is an error
+            (`pipeline.gpu.GpuUnavailableError`), not a fallback to the CPU.
         group_by_orientation: run landscape and portrait images as separate forwards when that
             saves padded pixels (`mrcnn.batching.orientation_groups`); False: one forward per batch.
+        precision: one of `PRECISION_CHOICES`; "auto" is resolved here, for this actor's device.
     """
 
     def __init__(
@@ -59,10 +71,12 @@ class Segmenter:
         num_threads: int,
         use_gpu: bool,
         group_by_orientation: bool = True,
+        precision: str = "auto",
     ):
         import torch
 
         from mrcnn.model_folder import load_model
+        from mrcnn.precision import inference_precision
 
         torch.set_num_threads(max(1, num_threads))
         if use_gpu:
@@ -73,6 +87,7 @@ class Segmenter:
         self.model.score_threshold = score_threshold
         self.min_size, self.max_size = spec.min_size, spec.max_size
         self.group_by_orientation = group_by_orientation
+        self.precision = inference_precision(self.device, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add the detections of each row of a decoded batch (see `pipeline.decode.decode_batch`).
@@ -129,8 +144,7 @@ class Segmenter:
             sizes = [input_size(*image.shape[1:], self.min_size, self.max_size) for image in images]
             groups = orientation_groups(sizes)
         predictions: list[dict[str, torch.Tensor]] = [{}] * len(images)
-        precision = "bf16" if self.device.type == "cuda" else "off"
-        with torch.inference_mode(), autocast(self.device, precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for group in groups:
                 for index, prediction in zip(group, self.model([images[i] for i in group]), strict=True):
                     predictions[index] = prediction

@@ -7,6 +7,10 @@ rows were made the same way. The settings compared are those that change what a 
   when the driver has no cached copy, the hash prefix that torchvision puts in the file's name
   (which torch.hub checks on download; a prefix matches the full hash it starts);
 - `score_threshold`, `max_pixels`, and the output's `schema_version` (`pipeline.output`).
+Recorded, not compared: `amp`, the forward's precision as asked (`--amp`; "auto" is resolved on
+each actor, by its hardware). Like the batch size, whose padding also moves a forward's low-order
+digits, it changes scores and mask probabilities in their third significant digit, not which
+model made a row; a re-run on other hardware or with another `--amp` completes an output.
 Not compared, because they leave each row as it is: batch size, actors, CPUs and GPUs, rows per
 file (file boundaries only), `--limit` and `--input` (which inputs get rows: an output may grow
 with new inputs), the model URI (a copied folder is the same model; each row keeps the URI that
@@ -14,10 +18,14 @@ made it in `model`), and the project version (recorded, so that a reader can tel
 alone does not block a resume, a schema change does through `schema_version`).
 
 `_JOB.json` is written with `storage.write_bytes` (atomic) before any part file, so a killed first
-run leaves it and a re-run with the same settings resumes. An output that already has part files
-and no `_JOB.json` was written by a version that did not record one: nothing tells what made it,
-so it is adopted with the current settings and a one-line notice rather than refused. As for
-resuming, one job writes to an output at a time.
+run leaves it and a re-run with the same settings resumes. A job checks the record before it
+starts Ray (`check_output`, read-only: a mismatch costs no start-up) and writes it only once the
+output is known to be one every node sees (`claim_output`, after `pipeline.shared_storage`), so
+that a refused local path on a cluster keeps no record of a job that never ran.
+
+An output that already has part files and no `_JOB.json` was written by a version that did not
+record one: nothing tells what made it, so it is adopted with the current settings and a
+one-line notice rather than refused. As for resuming, one job writes to an output at a time.
 
 Hashing reads each model file once, streamed in chunks (`storage.read_chunks`): a weights file of
 hundreds of MB on S3 costs its download time on the driver, never its size in memory.
@@ -48,7 +56,7 @@ class ProvenanceMismatch(Exception):
     """The output holds rows made with other settings (one line, naming each difference)."""
 
 
-def job_record(model_uri: str, score_threshold: float, max_pixels: int) -> dict:
+def job_record(model_uri: str, score_threshold: float, max_pixels: int, amp: str = "auto") -> dict:
     """The `_JOB.json` content of a job with these settings; reads (hashes) the model's files."""
     if model_uri.startswith(TORCHVISION_PREFIX):
         # torchvision's weights registry, imported only here: the driver stays torch-free.
@@ -70,9 +78,37 @@ def job_record(model_uri: str, score_threshold: float, max_pixels: int) -> dict:
         "model_json_sha256": spec_hash,
         "score_threshold": score_threshold,
         "max_pixels": max_pixels,
+        "amp": amp,
         "schema_version": output.SCHEMA_VERSION,
         "project_version": project_version(),
     }
+
+
+def check_output(output_uri: str, record: dict) -> dict | None:
+    """The `OUTPUT/_JOB.json` record when its settings match `record`; None when there is none.
+
+    Reads only: a job checks before it starts Ray, so that a mismatch costs no start-up, and
+    writes (`claim_output`) once it knows the output is one every node sees. Raises
+    `ProvenanceMismatch` when the settings differ and `storage.StorageError` when the output
+    cannot be read.
+    """
+    uri = storage.join(output_uri, JOB_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        previous = json.loads(storage.read_bytes(uri))
+    except ValueError as error:
+        raise ProvenanceMismatch(f"{uri}: not a job record ({error}); write to a new --output") from error
+    differences = [name for name in COMPARED if not _same(name, previous.get(name), record[name])]
+    if differences:
+        named = ", ".join(
+            f"{name} {_shown(previous.get(name))} (now {_shown(record[name])})" for name in differences
+        )
+        raise ProvenanceMismatch(
+            f"{output_uri} holds rows made with other settings: {named}; re-run with the same "
+            f"settings to complete it, or write to a new --output"
+        )
+    return previous
 
 
 def claim_output(output_uri: str, record: dict) -> tuple[dict, str | None]:
@@ -82,22 +118,10 @@ def claim_output(output_uri: str, record: dict) -> tuple[dict, str | None]:
     notice when an output without `_JOB.json` is adopted. Raises `ProvenanceMismatch` when the
     settings differ and `storage.StorageError` when the output cannot be read or written.
     """
-    uri = storage.join(output_uri, JOB_FILE)
-    if storage.exists(uri):
-        try:
-            previous = json.loads(storage.read_bytes(uri))
-        except ValueError as error:
-            raise ProvenanceMismatch(f"{uri}: not a job record ({error}); write to a new --output") from error
-        differences = [name for name in COMPARED if not _same(name, previous.get(name), record[name])]
-        if differences:
-            named = ", ".join(
-                f"{name} {_shown(previous.get(name))} (now {_shown(record[name])})" for name in differences
-            )
-            raise ProvenanceMismatch(
-                f"{output_uri} holds rows made with other settings: {named}; re-run with the same "
-                f"settings to complete it, or write to a new --output"
-            )
+    previous = check_output(output_uri, record)
+    if previous is not None:
         return previous, None
+    uri = storage.join(output_uri, JOB_FILE)
     _, parts = output.part_files(output_uri)
     storage.write_bytes(uri, (json.dumps(record, indent=2) + "\n").encode())
     if parts:

@@ -76,7 +76,7 @@ def same_detections(a: dict, b: dict, row_a: int, row_b: int) -> bool:
 def test_a_mixed_batch_gives_each_image_its_own_detections(model_dir, mixed_batch):
     """Grouped, each image is padded as it would be alone; ungrouped, the landscape images pad to
     96x96 and their detections change (which is what makes this test fail if grouping broke)."""
-    segment = Segmenter(model_dir, score_threshold=0.0, num_threads=1, use_gpu=False)
+    segment = Segmenter(model_dir, score_threshold=0.0, num_threads=1, use_gpu=False, precision="off")
     batch = segment(mixed_batch)
     count = len(mixed_batch["path"])
     alone = [segment(rows(mixed_batch, [i])) for i in range(count)]
@@ -97,7 +97,7 @@ def test_error_rows_keep_their_place_and_get_no_detections(model_dir, mixed_batc
         np.zeros((0, 0, 3), np.uint8) if error else image
         for image, error in zip(mixed_batch["image"], batch["error"], strict=True)
     ]
-    segment = Segmenter(model_dir, score_threshold=0.0, num_threads=1, use_gpu=False)
+    segment = Segmenter(model_dir, score_threshold=0.0, num_threads=1, use_gpu=False, precision="off")
     result = segment(batch)
     assert [len(boxes) for boxes in result["boxes"]][1::3] == [0, 0]
     assert list(result["error"]) == list(batch["error"])

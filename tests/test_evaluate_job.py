@@ -121,7 +121,7 @@ def test_segment_output_scores_what_the_model_scores_in_process(shapes, tmp_path
     output = str(tmp_path / "out")
     assert segment_job.main([
         "--input", shapes.images_root, "--output", output, "--model", model_dir,
-        "--batch-size", "3", "--score-threshold", str(threshold),
+        "--batch-size", "3", "--score-threshold", str(threshold), "--amp", "off",
     ]) == 0  # fmt: skip
     out = tmp_path / "eval.json"
     assert evaluate("--predictions", output, "--annotations", shapes.annotations_uri, "--json", str(out)) == 0
@@ -169,7 +169,7 @@ def test_evaluate_reports_the_ap_that_training_reported(shapes, tmp_path, ray_lo
     output = str(tmp_path / "segments")
     assert segment_job.main([
         "--input", shapes.images_root, "--output", output, "--model", f"{run}/model",
-        "--score-threshold", str(model.score_threshold),
+        "--score-threshold", str(model.score_threshold), "--amp", "off",  # validation's precision
     ]) == 0  # fmt: skip
     out = tmp_path / "eval.json"
     assert evaluate("--predictions", output, "--annotations", shapes.annotations_uri, "--json", str(out)) == 0

@@ -162,7 +162,7 @@ def test_local_paths_that_another_node_does_not_see_are_refused_before_any_work(
     assert segment.returncode == 2, segment.stderr[-3000:]
     assert last_line(segment).startswith(f"segment: error: --output {hidden / 'masks'} ")
     assert "on node" in last_line(segment) and "s3://" in last_line(segment)
-    assert not list((hidden / "masks").glob("part-*"))
+    assert not list((hidden / "masks").glob("part-*")) and not (hidden / "masks" / "_JOB.json").exists()
     assert train.returncode == 2, train.stderr[-3000:]
     assert last_line(train).startswith("train: error: --train-")
     assert "differs from the driver's copy" in last_line(train)

@@ -9,7 +9,7 @@ import torch
 
 from jobs import train as train_job
 from mrcnn.model import MaskRCNN
-from mrcnn.precision import Float32BoxCoder, autocast
+from mrcnn.precision import Float32BoxCoder, autocast, cpu_computes_bf16, inference_precision
 from mrcnn.presets import get_preset
 
 CPU = torch.device("cpu")
@@ -78,3 +78,24 @@ def test_amp_flag_takes_a_mode_and_alone_means_bf16():
     assert parser.parse_args([*required, "--amp", "fp16"]).amp == "fp16"
     with pytest.raises(SystemExit):
         parser.parse_args([*required, "--amp", "fp8"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu sse avx512f avx512_bf16", "bf16"), ("fpu avx512f amx_tile amx_bf16", "bf16"), ("fpu avx2", "off")],
+)
+def test_auto_inference_precision_is_bf16_only_on_cpus_that_compute_it(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+    assert cpu_computes_bf16(str(cpuinfo)) == (expected == "bf16")
+    assert inference_precision(CPU, "auto", str(cpuinfo)) == expected
+    # Asked for by name, a precision is used as asked, whatever the CPU.
+    assert inference_precision(CPU, "off", str(cpuinfo)) == "off"
+    assert inference_precision(CPU, "bf16", str(cpuinfo)) == "bf16"
+
+
+def test_an_unreadable_cpuinfo_means_float32(tmp_path):
+    assert not cpu_computes_bf16(str(tmp_path / "missing"))
+    assert inference_precision(CPU, "auto", str(tmp_path / "missing")) == "off"
+    with pytest.raises(ValueError, match="bf16, fp16, off"):
+        inference_precision(CPU, "fp8")

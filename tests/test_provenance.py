@@ -81,6 +81,7 @@ def test_first_run_records_its_settings_and_success_repeats_them(images, model, 
         "model_json_sha256": sha256(os.path.join(model, "model.json")),
         "score_threshold": 0.3,
         "max_pixels": 5000,
+        "amp": "auto",
         "schema_version": 1,
         "project_version": metadata.version("ray-mask-rcnn"),
     }
@@ -90,8 +91,10 @@ def test_first_run_records_its_settings_and_success_repeats_them(images, model, 
 def test_a_rerun_with_the_same_settings_resumes(images, model, tmp_path, ray_local):
     output = str(tmp_path / "out")
     assert run(images, output, model, "--limit", "2") == 0
-    # Batch size and rows per file are not settings: they do not change a row.
-    assert run(images, output, model, "--rows-per-file", "1", "--batch-size", "1") == 0
+    # Batch size, rows per file and precision are not compared: they do not change which model
+    # made a row (the precision is recorded, the first run's record stays).
+    assert run(images, output, model, "--rows-per-file", "1", "--batch-size", "1", "--amp", "off") == 0
+    assert read_json(os.path.join(output, "_JOB.json"))["amp"] == "auto"
     success = read_json(os.path.join(output, "_SUCCESS.json"))
     assert (success["images"], success["new_images"]) == (IMAGES, IMAGES - 2)
 

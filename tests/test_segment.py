@@ -160,6 +160,32 @@ def test_detections_are_consistent_and_rles_decode_to_the_row_size(folder_run, m
             assert mask.shape == (row["height"], row["width"])
 
 
+def test_amp_reaches_the_actors_and_bf16_keeps_the_float32_boxes(tmp_path, model_dir, ray_local):
+    """`--amp bf16` changes the forward (scores move), and the detections both precisions keep
+    sit where float32 puts them: coordinates stay float32 (`mrcnn.precision`)."""
+    images = str(tmp_path / "images")
+    write_files(images, {f"{i}.png": png(96, 72, i) for i in range(4)})
+    rows = {}
+    for amp in ("off", "bf16"):
+        output = str(tmp_path / amp)
+        assert run(*segment_args(images, output, model_dir, "--score-threshold", "0.0", "--amp", amp)) == 0
+        rows[amp] = {row["path"]: row for row in read_rows(output)}
+    assert rows["off"].keys() == rows["bf16"].keys()
+    moved = kept = compared = 0
+    for path, reference in rows["off"].items():
+        other = rows["bf16"][path]
+        moved += reference["scores"] != other["scores"]
+        boxes, labels = np.array(other["boxes"]), np.array(other["category_ids"])
+        # A random model's scores are near-tied, so bf16 swaps some detections for others; those
+        # it keeps (same category, box within 0.5 px of a float32 one) must be a good share.
+        for box, label in zip(reference["boxes"][:10], reference["category_ids"][:10], strict=True):
+            compared += 1
+            same = boxes[labels == label]
+            kept += bool(len(same)) and np.abs(same - np.array(box)).max(axis=1).min() <= 0.5
+    assert moved > 0, "--amp bf16 gave float32's scores: the precision did not reach the actors"
+    assert compared >= 20 and kept >= compared // 3, (kept, compared)
+
+
 def test_sizes_are_those_of_the_displayed_image(folder_run):
     images, _, rows = folder_run
     sizes = {os.path.relpath(row["path"], images): (row["width"], row["height"]) for row in rows}
