@@ -9,7 +9,8 @@ are padding that the backbone, the FPN and the RPN head compute on all the same.
 `orientation_groups` splits a batch as torchvision's reference training script groups its batches
 (`GroupedBatchSampler` with aspect-ratio bins `[1]`: landscape `width >= height`, portrait the
 rest), but only when the split removes at least `min_saving` of the batch's padded pixels (see
-`MIN_SAVING`). Pure functions of image sizes; no torch.
+`MIN_SAVING`), and on a GPU only for batches of `GPU_MIN_SPLIT_BATCH` images or more. Pure functions
+of image sizes; no torch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ SIZE_DIVISIBLE = 32
 # presets saves ~40 % (above), a batch of 4:3 and 16:9 photos of one orientation nothing, and
 # those are the cases the rule is for; `benchmarks/aspect_grouping.py` measures both sides.
 MIN_SAVING = 0.25
+
+# On a GPU a half batch may leave the device idle for longer than the padding costs: measured on one
+# H200 at 800 px (BENCHMARKS.md, "Orientation grouping"), splitting gained 7 % at batch 8 and 17 % at
+# 16 and lost 6 % at batch 4. A CPU is busy whatever the batch, and there the split gained at batch
+# 4 as at 8 (R50 at 800 px, 2 cores: 1.47x and 1.54x), so CPUs split any batch.
+GPU_MIN_SPLIT_BATCH = 8
+
+
+def min_batch_to_split(device_type: str) -> int:
+    """The smallest batch `orientation_groups` may split on a device of `device_type` ("cuda", "cpu")."""
+    return GPU_MIN_SPLIT_BATCH if device_type == "cuda" else 2
 
 
 def input_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -67,15 +79,19 @@ def orientation_groups(
     sizes: Sequence[tuple[int, int]],
     min_saving: float = MIN_SAVING,
     size_divisible: int = SIZE_DIVISIBLE,
+    min_batch: int = 2,
 ) -> list[list[int]]:
     """Indices into `sizes` (input sizes (h, w)), one list per forward to run.
 
     Landscape (w >= h) and portrait images become two groups, each in the input order, when the two
     padded batches hold at most `1 - min_saving` of the pixels of the one padded batch; otherwise
-    (one orientation only, or too small a saving) a single group of every index. `min_saving=0`
-    splits whenever both orientations are present.
+    (one orientation only, too small a saving, or fewer than `min_batch` images: see
+    `min_batch_to_split`) a single group of every index. `min_saving=0` splits whenever both
+    orientations are present.
     """
     indices = list(range(len(sizes)))
+    if len(indices) < min_batch:
+        return [indices] if indices else []
     landscape = [i for i in indices if sizes[i][1] >= sizes[i][0]]
     portrait = [i for i in indices if sizes[i][1] < sizes[i][0]]
     if not landscape or not portrait:

@@ -22,8 +22,9 @@ An actor that Ray gave a GPU but that sees no CUDA device fails to start, with o
 its node and the cause (`pipeline.gpu.require_cuda`), instead of running on the CPU.
 
 Images of both orientations in one batch would pad to a square of the larger sides; when that
-wastes enough pixels the batch runs as one forward per orientation (`mrcnn.batching`), and the
-rows come out in their input order all the same.
+wastes enough pixels the batch runs as one forward per orientation (`mrcnn.batching`; on a GPU
+only batches of 8 or more, whose halves still fill it), and the rows come out in their input
+order all the same.
 
 Error rows (from decode) pass through untouched, with no detections.
 
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mrcnn.batching import input_size, orientation_groups
+from mrcnn.batching import input_size, min_batch_to_split, orientation_groups
 from pipeline.gpu import require_cuda
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class Segmenter:
         groups = [list(range(len(images)))]
         if self.group_by_orientation:
             sizes = [input_size(*image.shape[1:], self.min_size, self.max_size) for image in images]
-            groups = orientation_groups(sizes)
+            groups = orientation_groups(sizes, min_batch=min_batch_to_split(self.device.type))
         predictions: list[dict[str, torch.Tensor]] = [{}] * len(images)
         with torch.inference_mode(), autocast(self.device, self.precision):
             for group in groups:

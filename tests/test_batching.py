@@ -8,7 +8,14 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from mrcnn.batching import input_size, orientation_groups, padded_size, padding_waste
+from mrcnn.batching import (
+    GPU_MIN_SPLIT_BATCH,
+    input_size,
+    min_batch_to_split,
+    orientation_groups,
+    padded_size,
+    padding_waste,
+)
 from pipeline.inference import Segmenter
 
 LANDSCAPE_800 = (800, 1333)
@@ -40,6 +47,17 @@ def test_one_orientation_or_a_small_saving_stays_one_forward():
     assert orientation_groups(near_square, min_saving=0.0) == [[0], [1]]
     assert orientation_groups([]) == []
     assert padding_waste([]) == 0.0
+
+
+def test_a_gpu_splits_only_batches_whose_halves_still_fill_it():
+    """On a GPU a batch of 4 mixed images stays one forward (halves of 2 idle the device longer
+    than the padding costs); from 8 on it splits; a CPU splits any batch that saves enough."""
+    mixed = [LANDSCAPE_800, PORTRAIT_800] * 2
+    cuda, cpu = min_batch_to_split("cuda"), min_batch_to_split("cpu")
+    assert orientation_groups(mixed, min_batch=cuda) == [[0, 1, 2, 3]]
+    assert orientation_groups(mixed, min_batch=cpu) == [[0, 2], [1, 3]]
+    eight = [LANDSCAPE_800, PORTRAIT_800] * (GPU_MIN_SPLIT_BATCH // 2)
+    assert len(orientation_groups(eight, min_batch=cuda)) == 2
 
 
 @pytest.fixture(scope="module")
