@@ -348,6 +348,7 @@ def test_listing_is_cut_into_one_decode_task_per_batch(tmp_path, model_dir, ray_
         (["--score-threshold", "1.5"], "--score-threshold"),
         (["--max-pixels", "-1"], "--max-pixels"),
         (["--limit", "x"], "--limit"),
+        (["--amp", "fp8"], "--amp"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path):
