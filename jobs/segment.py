@@ -25,7 +25,7 @@ from mrcnn.storage import StorageError
 from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
 from pipeline.inference import PRECISION_CHOICES
 from pipeline.inputs import InputError, check_input
-from pipeline.provenance import ProvenanceMismatch, check_output, claim_output, job_record
+from pipeline.provenance import ProvenanceMismatch, check_output, job_record, record_output
 from pipeline.ray_compat import RayCompatError, check_ray_version
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     try:
-        check_output(args.output, record)
+        previous = check_output(args.output, record)
     except ProvenanceMismatch as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
@@ -167,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                     {"--output": args.output}, {"--input": args.input, "--model": args.model}
                 )
                 config = replace(config, joined_cluster=True, output_marker=markers.get("--output"))
-            try:
-                job, notice = claim_output(args.output, record)
-            except StorageError as error:
-                return _output_unreachable(error)
-            if notice:
-                print(f"segment: note: {notice}", file=sys.stderr)
-            report = run_segmentation(replace(config, job=job))
-    except (SharedStorageError, ProvenanceMismatch) as error:
+            if previous is None:
+                try:
+                    notice = record_output(args.output, record)
+                except StorageError as error:
+                    return _output_unreachable(error)
+                if notice:
+                    print(f"segment: note: {notice}", file=sys.stderr)
+            report = run_segmentation(replace(config, job=previous or record))
+    except SharedStorageError as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     except (SegmentError, StorageError) as error:

@@ -52,11 +52,10 @@ def inference_precision(device: torch.device, requested: str, cpuinfo: str = "/p
     "auto": bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AMX or
     AVX512-BF16), fp16 on an older GPU, float32 ("off") on other CPUs. The model keeps pixel
     coordinates in float32 either way; what bf16 changes is the scores and mask probabilities in
-    their third significant digit (BENCHMARKS.md, "bf16 inference on CPUs").
+    their third significant digit (BENCHMARKS.md, "bf16 on CPUs with AMX").
     """
     if requested != "auto":
-        autocast(device, requested)  # validates the name
-        return requested
+        return _known(requested)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if device.type == "cpu" and cpu_computes_bf16(cpuinfo) else "off"
@@ -64,11 +63,16 @@ def inference_precision(device: torch.device, requested: str, cpuinfo: str = "/p
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """`torch.autocast` for `precision` ("bf16", "fp16" or "off") on `device`'s type."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if precision == "off":
+    if _known(precision) == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def _known(precision: str) -> str:
+    """`precision` itself when it is one of `PRECISIONS`; else ValueError naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    return precision
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ actor's hardware computes bf16 natively (a GPU with bf16, a CPU with AMX or AVX5
 on an older GPU, float32 elsewhere (`mrcnn.precision.inference_precision`, resolved on the actor:
 a cluster's nodes may differ). Pixel coordinates (anchors, box decoding, box regression) stay
 float32 as the model keeps them; bf16 halves the forward's time on a CPU with AMX and moves
-scores and mask probabilities in their third significant digit (BENCHMARKS.md, "bf16 inference on
-CPUs"). `--amp off` gives float32 everywhere, the numbers of a plain float32 loop.
+scores and mask probabilities in their third significant digit (BENCHMARKS.md, "bf16 on CPUs with
+AMX"). `--amp off` gives float32 everywhere, the numbers of a plain float32 loop.
+
 An actor that Ray gave a GPU but that sees no CUDA device fails to start, with one line naming
 its node and the cause (`pipeline.gpu.require_cuda`), instead of running on the CPU.
 

@@ -20,7 +20,7 @@ alone does not block a resume, a schema change does through `schema_version`).
 `_JOB.json` is written with `storage.write_bytes` (atomic) before any part file, so a killed first
 run leaves it and a re-run with the same settings resumes. A job checks the record before it
 starts Ray (`check_output`, read-only: a mismatch costs no start-up) and writes it only once the
-output is known to be one every node sees (`claim_output`, after `pipeline.shared_storage`), so
+output is known to be one every node sees (`record_output`, after `pipeline.shared_storage`), so
 that a refused local path on a cluster keeps no record of a job that never ran.
 
 An output that already has part files and no `_JOB.json` was written by a version that did not
@@ -88,7 +88,7 @@ def check_output(output_uri: str, record: dict) -> dict | None:
     """The `OUTPUT/_JOB.json` record when its settings match `record`; None when there is none.
 
     Reads only: a job checks before it starts Ray, so that a mismatch costs no start-up, and
-    writes (`claim_output`) once it knows the output is one every node sees. Raises
+    writes (`record_output`) once it knows the output is one every node sees. Raises
     `ProvenanceMismatch` when the settings differ and `storage.StorageError` when the output
     cannot be read.
     """
@@ -111,25 +111,20 @@ def check_output(output_uri: str, record: dict) -> dict | None:
     return previous
 
 
-def claim_output(output_uri: str, record: dict) -> tuple[dict, str | None]:
-    """Record `record` in `OUTPUT/_JOB.json`, or check it against the one already there.
+def record_output(output_uri: str, record: dict) -> str | None:
+    """Write `record` as `OUTPUT/_JOB.json` of an output that `check_output` found without one.
 
-    Returns the record in force (the one already there when the settings match) and a one-line
-    notice when an output without `_JOB.json` is adopted. Raises `ProvenanceMismatch` when the
-    settings differ and `storage.StorageError` when the output cannot be read or written.
+    Returns a one-line notice when the output already has part files (adopted, see above).
+    Raises `storage.StorageError` when the output cannot be read or written.
     """
-    previous = check_output(output_uri, record)
-    if previous is not None:
-        return previous, None
-    uri = storage.join(output_uri, JOB_FILE)
     _, parts = output.part_files(output_uri)
-    storage.write_bytes(uri, (json.dumps(record, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(output_uri, JOB_FILE), (json.dumps(record, indent=2) + "\n").encode())
     if parts:
-        return record, (
+        return (
             f"{output_uri} has {len(parts)} files from a version that recorded no settings; "
             f"they are taken as made with these ({JOB_FILE} written)"
         )
-    return record, None
+    return None
 
 
 def project_version() -> str:

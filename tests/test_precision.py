@@ -9,8 +9,9 @@ import torch
 
 from jobs import train as train_job
 from mrcnn.model import MaskRCNN
-from mrcnn.precision import Float32BoxCoder, autocast, cpu_computes_bf16, inference_precision
+from mrcnn.precision import PRECISIONS, Float32BoxCoder, autocast, cpu_computes_bf16, inference_precision
 from mrcnn.presets import get_preset
+from pipeline.inference import PRECISION_CHOICES
 
 CPU = torch.device("cpu")
 
@@ -92,6 +93,11 @@ def test_auto_inference_precision_is_bf16_only_on_cpus_that_compute_it(tmp_path,
     # Asked for by name, a precision is used as asked, whatever the CPU.
     assert inference_precision(CPU, "off", str(cpuinfo)) == "off"
     assert inference_precision(CPU, "bf16", str(cpuinfo)) == "bf16"
+
+
+def test_the_segment_jobs_amp_choices_are_the_precisions_and_auto():
+    # Spelled out in `pipeline.inference` so that the job's driver need not import torch.
+    assert ("auto", *PRECISIONS) == PRECISION_CHOICES
 
 
 def test_an_unreadable_cpuinfo_means_float32(tmp_path):
