@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mrcnn import storage
 from pipeline.done_set import path_hashes
-from pipeline.output import SCHEMA, commit_part, part_files, scan_parts
+from pipeline.output import commit_part, part_files, read_part, scan_parts
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def remove_duplicates(output_uri: str, duplicate_paths: Iterable[str]) -> int:
     kept: set[str] = set()
     removed = 0
     for file in files:
-        paths = pq.read_table(file, columns=["path"], filesystem=filesystem).column(0).to_pylist()
+        paths = read_part(filesystem, file, ["path"]).column(0).to_pylist()
         drop = []
         for path in paths:
             drop.append(path in kept)
@@ -76,9 +75,9 @@ def remove_duplicates(output_uri: str, duplicate_paths: Iterable[str]) -> int:
                 kept.add(path)
         if not any(drop):
             continue
-        table = pq.read_table(file, filesystem=filesystem, schema=SCHEMA).filter(pc.invert(pa.array(drop)))
+        table = read_part(filesystem, file).filter(pc.invert(pa.array(drop)))
         rewritten = commit_part(table, output_uri) if table.num_rows else None
         if rewritten is None or storage.resolve(rewritten)[1] != file:
-            filesystem.delete_file(file)
+            storage.delete(storage.to_uri(filesystem, file))
         removed += sum(drop)
     return removed

@@ -2,19 +2,15 @@
 
 Both decoders of images, bulk segmentation's (`pipeline.decode`) and training's
 (`pipeline.train_data`), read through here: an input that is not there to read is a per-image
-error (`InputMissing`: an error row, or an image left out of training), while other storage
-failures (network, throttling after the S3 client's retries) raise, so that Ray retries the task.
+error (`InputMissing`: an error row, or an image left out of training), while a store that keeps
+failing after the retries of `mrcnn.s3_retry` raises `mrcnn.storage.StorageError`, which stops
+the job with one line (a re-run resumes) instead of recording a transient failure as a permanent
+error row.
 """
 
 from __future__ import annotations
 
 from mrcnn import storage
-
-_UNREADABLE = {
-    FileNotFoundError: "not found",
-    IsADirectoryError: "a folder, not a file",
-    PermissionError: "permission denied",
-}
 
 
 class InputMissing(Exception):
@@ -22,11 +18,8 @@ class InputMissing(Exception):
 
 
 def read_input(uri: str) -> bytes:
-    """The bytes of one input; `InputMissing` when it does not exist or cannot be read at all."""
-    filesystem, path = storage.resolve(uri)
+    """The bytes of one input (one GET on S3); `InputMissing` when it cannot be read at all."""
     try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        reason = next(text for kind, text in _UNREADABLE.items() if isinstance(error, kind))
-        raise InputMissing(f"cannot read: {reason}") from error
+        return storage.read_bytes(uri)
+    except storage.ObjectMissing as error:
+        raise InputMissing(f"cannot read: {error.reason}") from error

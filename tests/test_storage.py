@@ -31,7 +31,7 @@ def test_threads_share_one_filesystem_and_its_connections(s3_server, monkeypatch
     bucket = new_bucket(s3_server, "us-east-1")
     with FlakyS3Proxy(s3_server, {}) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        before = storage.s3_clients_created()["pyarrow"]
+        before = storage.s3_clients_created()
         filesystems = []
 
         def work(thread: int) -> None:
@@ -39,6 +39,7 @@ def test_threads_share_one_filesystem_and_its_connections(s3_server, monkeypatch
                 uri = f"s3://{bucket}/t{thread}/{i}.bin"
                 storage.write_bytes(uri, f"{thread}-{i}".encode())
                 assert storage.read_bytes(uri) == f"{thread}-{i}".encode()
+                assert storage.exists(uri)
                 filesystems.append(storage.resolve(uri)[0])
 
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
@@ -47,9 +48,12 @@ def test_threads_share_one_filesystem_and_its_connections(s3_server, monkeypatch
         for thread in threads:
             thread.join()
     assert len(filesystems) == 40 and len({id(fs) for fs in filesystems}) == 1
-    assert storage.s3_clients_created()["pyarrow"] == before + 1
-    # 80 objects written or read, each in two or three requests, over a handful of connections.
-    assert proxy.requests >= 80 and proxy.connections <= 8, (proxy.requests, proxy.connections)
+    # One native filesystem (the existence checks) and one boto3 client (whole-object GETs and
+    # PUTs) for the 40 objects and 4 threads.
+    after = storage.s3_clients_created()
+    assert (after["pyarrow"], after["boto3"]) == (before["pyarrow"] + 1, before["boto3"] + 1), after
+    # 120 requests (a PUT, a GET and a HEAD per object) over a handful of connections.
+    assert proxy.requests >= 120 and proxy.connections <= 12, (proxy.requests, proxy.connections)
 
 
 def test_another_endpoint_gets_its_own_filesystem_and_the_first_is_kept(s3_bucket, s3_server, monkeypatch):
@@ -66,7 +70,7 @@ def test_another_endpoint_gets_its_own_filesystem_and_the_first_is_kept(s3_bucke
 
 
 def _child(uri: str, queue) -> None:
-    queue.put((storage.s3_clients_created()["pyarrow"], storage.read_bytes(uri)))
+    queue.put((sum(storage.s3_clients_created().values()), storage.read_bytes(uri)))
 
 
 def test_a_forked_child_builds_its_own_filesystem(s3_bucket):
@@ -99,7 +103,7 @@ def test_a_bucket_in_another_region_is_read_and_written_with_no_region_set(s3_se
         assert list(storage.read_chunks(f"s3://{bucket}/dir/a.txt", chunk_bytes=3)) == [b"bon", b"jou", b"r"]
         assert storage.exists(f"s3://{bucket}/dir/a.txt")
         assert list(storage.iter_files(f"s3://{bucket}/dir")) == [f"s3://{bucket}/dir/a.txt"]
-        assert storage.resolve(f"s3://{bucket}/dir/a.txt")[0].region == "eu-west-1"
+        assert storage.bucket_region(bucket) == "eu-west-1"
         storage.delete(f"s3://{bucket}/dir/a.txt")
         assert not storage.exists(f"s3://{bucket}/dir/a.txt")
 
@@ -108,4 +112,4 @@ def test_with_a_custom_endpoint_a_configured_region_is_taken_as_it_is(s3_server,
     """An S3-compatible store whose region the user set: no lookup, the setting wins."""
     bucket = new_bucket(s3_server, "eu-west-1")
     monkeypatch.setenv("AWS_REGION", "us-west-2")
-    assert storage.resolve(f"s3://{bucket}/x")[0].region == "us-west-2"
+    assert storage.bucket_region(bucket) == "us-west-2"
