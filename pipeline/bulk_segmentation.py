@@ -49,11 +49,13 @@ from pipeline import output
 from pipeline.actor_sizing import actor_count, actor_cpus, actor_memory_bytes
 from pipeline.decode import decode_batch
 from pipeline.done_set import committed_path_hashes
-from pipeline.gpu import GpuUnavailableError, gpus_to_request
+from pipeline.gpu import AUTO, GpuUnavailableError, gpus_to_request
 from pipeline.inference import Segmenter
 from pipeline.inputs import InputSpec
+from pipeline.job_log import say
 from pipeline.listing import PathDatasource
 from pipeline.output_check import OutputSummary, remove_duplicates, summarize
+from pipeline.placement import WaitReport, auto_gpus, require_placement
 from pipeline.postprocess import finish_batch
 from pipeline.ray_errors import one_line
 from pipeline.shared_storage import SharedStorageError, StorageMarker
@@ -87,7 +89,8 @@ class SegmentConfig:
     batch_size: int = 4
     # None: `pipeline.actor_sizing.actor_count` chooses.
     actors: tuple[int, int] | None = None
-    gpus_per_actor: float = 1.0
+    # A number, or `pipeline.gpu.AUTO`: GPUs where the cluster has or can add them.
+    gpus_per_actor: float | str = AUTO
     # None: `pipeline.actor_sizing.actor_cpus` chooses.
     cpus_per_actor: float | None = None
     score_threshold: float = 0.5
@@ -136,8 +139,13 @@ class SegmentReport:
         }
 
 
-def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
-    """The lazy dataset of per-batch counts; iterating it runs the job."""
+def build_dataset(
+    config: SegmentConfig, done: ray.ObjectRef | None, request: ActorRequest | None = None
+) -> ray.data.Dataset:
+    """The lazy dataset of per-batch counts; iterating it runs the job.
+
+    `request`: the actor pool's resources (`plan_actors`), planned here when not given.
+    """
     # A Dataset copies the current DataContext when it is created: these settings reach every
     # stage of this one (a failure then names our StorageError, not Ray's UserCodeException;
     # blocks are sized by TARGET_MAX_BLOCK_SIZE; the actor pool's start is bounded in time), and
@@ -151,16 +159,17 @@ def build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data
     # `_build_dataset` checks) start them asynchronously: -1 is Ray Data's "do not wait".
     context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s)) if config.joined_cluster else -1
     try:
-        return _build_dataset(config, done)
+        return _build_dataset(config, done, request or plan_actors(config))
     finally:
         for name, value in zip(settings, previous, strict=True):
             setattr(context, name, value)
 
 
-def _build_dataset(config: SegmentConfig, done: ray.ObjectRef | None) -> ray.data.Dataset:
+def _build_dataset(
+    config: SegmentConfig, done: ray.ObjectRef | None, request: ActorRequest
+) -> ray.data.Dataset:
     spec = load_spec(config.model_uri)
     resources = ray.cluster_resources()
-    request = _actor_request(config, spec.min_size, spec.max_size, resources)
     low, high = request.actors
     cpus = resources.get("CPU", 0)
     if not config.joined_cluster:
@@ -230,14 +239,22 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
     output.clear_stale_state(config.output_uri)
     done_hashes = committed_path_hashes(config.output_uri)
     done = ray.put(done_hashes) if done_hashes.size else None
+    request = plan_actors(config)
     counts = {"images": 0, "errors": 0, "instances": 0}
+    # On a cluster, a line a minute until the first batch is done: the actors were placed.
+    waiting = WaitReport(
+        say, f"{request.actors[0]} inference actor(s)", request.bundle(), config.resource_timeout_s
+    )
     try:
-        for batch in build_dataset(config, done).iter_batches(batch_size=None, batch_format="numpy"):
+        if config.joined_cluster:
+            waiting.start()
+        for batch in build_dataset(config, done, request).iter_batches(batch_size=None, batch_format="numpy"):
+            waiting.stop()
             for name in counts:
                 counts[name] += int(batch[name].sum())
     except ray.exceptions.GetTimeoutError as error:
         raise SegmentError(
-            f"the cluster gave no room for {_resources_text(config)} within {config.resource_timeout_s:g} s: "
+            f"the cluster gave no room for {request.describe()} within {config.resource_timeout_s:g} s: "
             f"no node has them free and none was added (an autoscaler without a node type that "
             f"fits, or at its max_workers); lower --actors/--cpus-per-actor/--gpus-per-actor or "
             f"add such nodes (Ray: {one_line(error)})"
@@ -253,6 +270,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentReport:
             f"the job stopped: {cause}; the files already in the output are complete, "
             f"re-run the same command to go on"
         ) from error
+    finally:
+        waiting.stop()
     summary = summarize(config.output_uri)
     repaired = 0
     if summary.duplicate_paths:
@@ -286,6 +305,13 @@ class ActorRequest:
     gpus: float
     memory: int | None
 
+    def bundle(self) -> dict[str, float]:
+        """What one actor asks Ray for."""
+        bundle = {"CPU": self.cpus, "GPU": self.gpus}
+        if self.memory:
+            bundle["memory"] = float(self.memory)
+        return {name: amount for name, amount in bundle.items() if amount}
+
     def describe(self) -> str:
         """`2 inference actor(s) of 1 CPUs and 1.1 GiB`: what the first actors ask for."""
         text = f"{self.actors[0]} inference actor(s) of {self.cpus:g} CPUs"
@@ -296,13 +322,45 @@ class ActorRequest:
         return text
 
 
+def plan_actors(config: SegmentConfig) -> ActorRequest:
+    """The actor pool's request on the connected Ray, decided once per run, with a line saying
+    whether the actors run on GPUs and why.
+
+    On a cluster the job joined, `--gpus-per-actor auto` asks the cluster (`pipeline.placement.
+    auto_gpus`), and a request that no node and no node type can ever hold raises
+    `pipeline.placement.InfeasibleRequest` at once instead of waiting out the resource timeout.
+    """
+    spec = load_spec(config.model_uri)
+    resources = ray.cluster_resources()
+    gpus, reason = config.gpus_per_actor, None
+    if config.joined_cluster and gpus == AUTO:
+        gpus, reason = auto_gpus(1.0, cpus=1.0)
+    request = _actor_request(config, gpus, spec.min_size, spec.max_size, resources)
+    if reason is None:
+        reason = (
+            f"--gpus-per-actor {config.gpus_per_actor}"
+            if config.joined_cluster
+            else f"this machine has {resources.get('GPU', 0):g} GPUs"
+        )
+    say(f"segment: inference actors on {'GPUs' if request.gpus else 'CPUs'} ({reason})")
+    # A GPU count `auto` chose is placeable already: the check that chose it said so.
+    if config.joined_cluster and not (config.gpus_per_actor == AUTO and request.gpus):
+        way_out = (
+            "use --gpus-per-actor 0 for CPU actors, or give the cluster a node type with a GPU"
+            if request.gpus
+            else "lower --cpus-per-actor, or give the cluster a node type that holds it"
+        )
+        require_placement(request.bundle(), "an inference actor", way_out)
+    return request
+
+
 def _actor_request(
-    config: SegmentConfig, min_size: int, max_size: int, resources: dict[str, float]
+    config: SegmentConfig, gpus: float | str, min_size: int, max_size: int, resources: dict[str, float]
 ) -> ActorRequest:
-    """The actor pool's request, from the flags and what the cluster holds (`resources`, Ray's
-    `cluster_resources()`)."""
+    """The actor pool's request, from the flags (`gpus` resolved on a joined cluster) and what the
+    cluster holds (`resources`, Ray's `cluster_resources()`)."""
     cluster_cpus = resources.get("CPU", 0)
-    gpus = gpus_to_request(config.gpus_per_actor, config.joined_cluster, resources.get("GPU", 0))
+    gpus = gpus_to_request(gpus, config.joined_cluster, resources.get("GPU", 0))
     memory = actor_memory_bytes(min_size, max_size, config.batch_size)
     actors = actor_count(
         config.actors, cluster_cpus, resources.get("memory", 0), memory, gpus, config.joined_cluster
@@ -326,9 +384,3 @@ def _check_local_fit(request: ActorRequest, resources: dict[str, float]) -> None
             f"--actors/--cpus-per-actor/--gpus-per-actor/--batch-size or raise --num-cpus (a local "
             f"Ray's CPUs are logical)"
         )
-
-
-def _resources_text(config: SegmentConfig) -> str:
-    """What the first inference actors ask for, in words."""
-    spec = load_spec(config.model_uri)
-    return _actor_request(config, spec.min_size, spec.max_size, ray.cluster_resources()).describe()

@@ -1,9 +1,12 @@
 """GPU requests and the check that a process Ray gave a GPU can really use one.
 
-What a job asks Ray for follows its flags, not the cluster as it happens to be when the job
-starts: a cluster whose GPU nodes scale from zero holds no GPU then, and only a pending request
-for one makes its autoscaler launch a GPU node. The job's own local Ray is the exception: it is
-this machine, it cannot grow, and it uses the GPUs it has (none: CPU actors and workers).
+A number of GPUs in the flags is requested as given on a cluster the job joined, even when the
+cluster holds no GPU yet: a cluster whose GPU nodes scale from zero holds none when the job
+starts, and only a pending request for one makes its autoscaler launch a GPU node. `auto` (the
+segmentation job's default) asks the cluster instead: GPUs when a node has them or a node type of
+its autoscaler does (`pipeline.placement.auto_gpus`), CPUs otherwise. The job's own local Ray is
+the exception: it is this machine, it cannot grow, and it uses the GPUs it has (none: CPU actors
+and workers), whatever the flag.
 
 A process that Ray gave a GPU and in which torch sees no CUDA device must never fall back to the
 CPU silently (a GPU fleet would run at CPU speed, billed as GPUs): `require_cuda` raises a
@@ -20,15 +23,23 @@ class GpuUnavailableError(RuntimeError):
     """Ray gave this process a GPU, but torch cannot use one here; the message is one line."""
 
 
-def gpus_to_request(gpus: float, joined_cluster: bool, cluster_gpus: float) -> float:
+AUTO = "auto"
+
+
+def gpus_to_request(gpus: float | str, joined_cluster: bool, cluster_gpus: float) -> float:
     """GPUs to ask Ray for per actor or worker when the flags say `gpus`.
 
     Args:
-        gpus: what the flag asks for (0: CPU only).
+        gpus: what the flag asks for (0: CPU only); `AUTO` on a cluster the job joined must have
+            been resolved by `pipeline.placement.auto_gpus` first.
         joined_cluster: the job runs on a cluster it joined (`RAY_ADDRESS`), which may add GPU
             nodes when asked, rather than on a Ray this process started or was handed.
         cluster_gpus: GPUs the Ray cluster holds now.
     """
+    if gpus == AUTO:
+        if joined_cluster:
+            raise ValueError("gpus_to_request: resolve --gpus-per-actor auto on a cluster first")
+        return 1.0 if cluster_gpus > 0 else 0.0
     if gpus <= 0:
         return 0.0
     if joined_cluster or cluster_gpus > 0:

@@ -14,6 +14,9 @@ The names:
 4. `ray.data._internal.execution.execution_callback.ExecutionCallback` and the streaming
    executor's `_topology`: the idle backoff of Ray Data's scheduling loop.
 5. `ray.init(_system_config={"num_workers_soft_limit": N})`: idle task workers kept alive.
+6. `ray._private.state.state.get_cluster_config()`: the node types an autoscaler v2 can add.
+7. The internal KV key `__autoscaling_status` (`ray._private.ray_constants.
+   DEBUG_AUTOSCALING_STATUS`): what an autoscaler v1 is launching.
 
 Tests use a few more, which no job runs: Ray's own autoscaler config validation
 (`ray.autoscaler._private`, in `tests/test_cluster_*.py`) and Ray's constants and node info in
@@ -73,6 +76,42 @@ DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
 def local_system_config(workers_soft_limit: int) -> dict:
     """`_system_config` of a local `ray.init` that keeps up to `workers_soft_limit` idle workers."""
     return {"num_workers_soft_limit": workers_soft_limit}
+
+
+# 6. The node types an autoscaler can add, for the placement check (`pipeline.placement`). The
+# autoscaler v2 (KubeRay, `RAY_enable_autoscaler_v2=1`) reports them to the GCS as a
+# `ClusterConfig` protobuf; Ray reads it only through `ray._private.state` (Ray Train and Ray Data
+# do the same, for their own checks). No public API lists node types. Watch: ray-project/ray
+# `python/ray/_private/state.py` (`get_cluster_config`).
+def autoscaler_node_types() -> dict[str, dict[str, float]] | None:
+    """Node type name -> the resources of one node of it, for the types an autoscaler v2 may still
+    add (`max_count` not 0); None when no autoscaler v2 publishes them."""
+    from ray._private import state
+
+    config = state.state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    return {
+        group.name: {name: float(amount) for name, amount in group.resources.items()}
+        for group in config.node_group_configs
+        if group.max_count != 0
+    }
+
+
+# 7. The autoscaler v1 (`ray up`'s, the fake multi-node provider's, and the read-only one of a head
+# started without an autoscaler config) publishes nothing of its node types, only a JSON status per
+# update under this internal KV key (what `ray status` prints): its `time`, and in
+# `autoscaler_report` the `pending_launches` and `pending_nodes` by node type. Watch: ray-project/ray
+# `python/ray/autoscaler/_private/monitor.py` (`DEBUG_AUTOSCALING_STATUS`).
+def autoscaler_status() -> dict | None:
+    """The latest autoscaler v1 status, or None when no autoscaler publishes one."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw) if raw else None
 
 
 class RayCompatError(RuntimeError):
@@ -161,6 +200,12 @@ def check_ray_version(training: bool = True) -> None:
     # An attribute the constructor assigns is among the names its code stores.
     if "_topology" not in StreamingExecutor.__init__.__code__.co_names:
         _missing("StreamingExecutor._topology")
+    from ray._private import ray_constants, state
+
+    if not hasattr(state.state, "get_cluster_config"):
+        _missing("ray._private.state.state.get_cluster_config")
+    if getattr(ray_constants, "DEBUG_AUTOSCALING_STATUS", None) != "__autoscaling_status":
+        _missing("ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS")
     if not training:
         return
     _torch_backend_class()

@@ -39,11 +39,13 @@ from dataclasses import dataclass
 from mrcnn import build_model, storage
 from mrcnn.backbone import ensure_imagenet_weights, trainable_layers
 from mrcnn.coco import CocoDataset
-from pipeline import fault_injection
+from pipeline import fault_injection, job_log
 from pipeline.budget import CALIBRATION_STEPS, TimeBudget
 from pipeline.checkpoints import CHECKPOINTS_NAME
+from pipeline.job_log import say
 from pipeline.loop_config import LoopConfig
 from pipeline.metrics import METRICS_FILE
+from pipeline.placement import WaitReport, require_placement
 from pipeline.ray_compat import (
     TRAIN_PRINT_PATCH_ENV,
     cuda_checked_torch_config,
@@ -134,10 +136,10 @@ def run_training(
     epoch_steps = steps_per_epoch(job, len(train_data.images))
     previous = latest_checkpoint(filesystem, path)
     if previous is not None and schedule_finished(job, previous[2], epoch_steps):
-        print(f"train: {job.output} already holds {previous[1]} trained epochs; exporting its model")
+        say(f"train: {job.output} already holds {previous[1]} trained epochs; exporting its model")
         return _finish(job, train_data, previous[0], previous[1], trained=False, metrics=None)
     if previous is not None:
-        print(
+        say(
             f"train: resuming from checkpoint {storage.to_uri(filesystem, previous[0].path)} "
             f"(epoch {previous[1]} of {job.epochs} done)"
         )
@@ -149,6 +151,14 @@ def run_training(
             "leave --use-gpu out to train on the CPU, or set RAY_ADDRESS to a cluster with GPU nodes"
         )
     cpus_per_worker = job.cpus_per_worker or default_worker_cpus(job.num_workers, job.use_gpu)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    if joined_cluster:
+        way_out = (
+            "leave --use-gpu out to train on CPUs, or give the cluster a node type with a GPU"
+            if job.use_gpu
+            else "lower --cpus-per-worker, or give the cluster a node type that holds it"
+        )
+        require_placement(resources, "a training worker", way_out)
     warn_if_too_small(job, cpus_per_worker)
     fail_after_epoch, fail_after_step = fault_injection.requested()
     val_parts = min(job.num_workers, len(val_data.images)) if val_data is not None else 1
@@ -196,7 +206,6 @@ def run_training(
                 val_data, part=part, parts=val_parts, exif_orientation=job.exif_orientation
             )
     val_ground_truth = val_data.evaluation_ground_truth() if val_data is not None else None
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=cuda_checked_torch_config() if job.use_gpu else None,
@@ -222,18 +231,25 @@ def run_training(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    print(
+    say(
         f"train: {job.num_workers} workers x {job.batch_size} images, {cpus_per_worker:g} CPUs"
         f"{' + 1 GPU' if job.use_gpu else ''} each, peak lr {config.peak_lr:g}, {epoch_steps} steps/epoch, "
         f"{len(train_data.images)} training images; the Ray cluster has "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
     )
     if job.max_minutes is not None:
-        print(
+        say(
             f"train: budget {job.max_minutes:g} min: the step time measured over the first "
             f"{CALIBRATION_STEPS} steps plans how many of at most {config.total_steps} fit"
         )
+    # On a cluster, a line a minute until a worker speaks: the workers were placed.
+    waiting = WaitReport(
+        say, f"{job.num_workers} training worker(s)", resources, job.resource_timeout_s,
+        done=lambda: job_log.relayed_lines() > 0,
+    )  # fmt: skip
     try:
+        if joined_cluster:
+            waiting.start()
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         if is_worker_group_start_timeout(root_cause(error)):
@@ -244,6 +260,8 @@ def run_training(
                 f"at its max_workers); lower --num-workers/--cpus-per-worker or add such nodes"
             ) from error
         raise TrainingError(f"training failed: {one_line(error)}") from error
+    finally:
+        waiting.stop()
     if result.checkpoint is None:
         raise TrainingError("training reported no checkpoint")
     epochs = int(result.metrics["epoch"])

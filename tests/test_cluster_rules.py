@@ -7,6 +7,7 @@ the shared mount) is in `tests/test_multinode.py`.
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -170,3 +171,30 @@ def ray_version() -> str:
     import ray
 
     return ray.__version__
+
+
+def test_a_wait_for_resources_says_each_minute_what_it_waits_for(ray_local):
+    """The line a job prints every minute (here every 0.2 s) until the wait is over."""
+    from pipeline.placement import WaitReport
+
+    lines: list[str] = []
+    with WaitReport(lines.append, "1 inference actor(s)", {"CPU": 1, "GPU": 1}, 1200, every_s=0.2) as report:
+        deadline = time.monotonic() + 30
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        report.stop()
+        count = len(lines)
+    time.sleep(0.5)
+    assert count >= 2 and len(lines) == count  # nothing after stop()
+    assert lines[0].startswith("still waiting for 1 inference actor(s) of 1 CPU and 1 GPU after 0 s")
+    assert "gives up after 1200 s, --resource-timeout" in lines[0]
+    assert lines[-1].endswith("no node of the cluster can hold one yet")
+
+
+def test_a_request_a_node_holds_is_placeable_without_asking_an_autoscaler(ray_local):
+    from pipeline.placement import check_placement, describe_bundle
+
+    assert check_placement({"CPU": 1, "GPU": 0}).where == "node"
+    assert describe_bundle({"CPU": 2.0, "GPU": 1.0, "memory": 1.5 * (1 << 30)}) == (
+        "2 CPU and 1 GPU and 1.5 GiB of memory"
+    )

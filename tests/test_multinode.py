@@ -169,31 +169,42 @@ def test_local_paths_that_another_node_does_not_see_are_refused_before_any_work(
     assert not (visible / "run" / "checkpoints").exists()
 
 
-def test_no_gpu_anywhere_and_no_autoscaler_ends_each_job_in_one_line_within_its_timeout(
+def test_no_gpu_anywhere_and_no_autoscaler_cpu_actors_by_default_and_gpu_requests_end_at_once(
     tmp_path, model_dir, shapes
 ):
-    """GPUs are requested on a cluster with none and nothing to launch them: no silent CPU run and
-    no endless wait, but one line once `--resource-timeout` has passed."""
-    # Ray Train's own wait per placement try (60 s by default), shortened for the test.
-    with MultiNodeCluster(head_cpus=2, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}) as cluster:
+    """A cluster with CPUs only and nothing to launch GPU nodes: the default `--gpus-per-actor auto`
+    runs CPU actors; asking for GPUs is reported infeasible in one line (exit 2) at once, not after
+    the default --resource-timeout of 1200 s (each job is given 420 s in all)."""
+    with MultiNodeCluster(head_cpus=3) as cluster:
+        default = run_job(
+            cluster.job_env, "jobs.segment", "--input", shapes.images_root, "--output",
+            str(tmp_path / "masks"), "--model", model_dir,
+        )  # fmt: skip
         segment = run_job(
             cluster.job_env, "jobs.segment", "--input", shapes.images_root, "--output",
-            str(tmp_path / "masks"), "--model", model_dir, "--resource-timeout", "5",
+            str(tmp_path / "gpu-masks"), "--model", model_dir, "--gpus-per-actor", "1",
         )  # fmt: skip
         train = run_job(
             cluster.job_env, "jobs.train", "--train-annotations", shapes.annotations_uri,
             "--train-images", shapes.images_root, "--output", str(tmp_path / "run"), "--preset", "tiny",
-            "--num-workers", "1", "--use-gpu", "--resource-timeout", "10",
+            "--num-workers", "1", "--use-gpu",
         )  # fmt: skip
-    assert segment.returncode == 1, segment.stderr[-3000:]
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert "segment: inference actors on CPUs (the cluster has no GPU node" in default.stdout
+    assert json.loads((tmp_path / "masks" / "_SUCCESS.json").read_text())["images"] == 40
+    assert segment.returncode == 2, segment.stderr[-3000:]
     assert last_line(segment).startswith(
-        "segment: error: the cluster gave no room for 1 inference actor(s) of 1 CPUs and 1 GPU within 5 s"
-    )
-    assert not list((tmp_path / "masks").glob("part-*"))
-    assert train.returncode == 1, train.stderr[-3000:]
+        "segment: error: an inference actor of 1 CPU and 1 GPU can never be placed: no node of the "
+        "cluster and no node type of its autoscaler holds it; use --gpus-per-actor 0"
+    ), segment.stderr[-3000:]
+    assert not list((tmp_path / "gpu-masks").glob("part-*"))
+    assert train.returncode == 2, train.stderr[-3000:]
     assert last_line(train).startswith(
-        "train: error: the cluster gave no room for 1 workers of 1 CPUs and 1 GPU within 10 s"
-    )
+        "train: error: a training worker of 1 CPU and 1 GPU can never be placed"
+    ), train.stderr[-3000:]
+    assert "leave --use-gpu out" in last_line(train)
+    for result in (default, segment, train):
+        assert "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +217,17 @@ def gpu_autoscaling_cluster(free_ports):
 def test_gpu_actors_are_requested_from_a_cluster_with_no_gpu_yet_and_a_gpu_without_cuda_is_one_line(
     gpu_autoscaling_cluster, tmp_path, model_dir, shapes
 ):
-    """The cluster holds no GPU when the job starts; `--gpus-per-actor 1` (the default) still asks
-    for one, the autoscaler launches a GPU node, and the actor there, whose torch sees no CUDA
-    device on this machine, stops the job with one line naming that node: no CPU fallback."""
+    """The cluster holds no GPU when the job starts; `--gpus-per-actor auto` (the default) finds the
+    autoscaler's GPU node type and asks for one, the autoscaler launches a GPU node, and the actor
+    there, whose torch sees no CUDA device on this machine, stops the job with one line naming
+    that node: no CPU fallback, and none of Ray's tracebacks before the line."""
     segment = run_job(
         gpu_autoscaling_cluster.job_env, "jobs.segment", "--input", shapes.images_root,
         "--output", str(tmp_path / "masks"), "--model", model_dir, "--resource-timeout", "300",
     )  # fmt: skip
     assert segment.returncode == 1, segment.stderr[-3000:]
+    assert "segment: inference actors on GPUs (" in segment.stdout
+    assert "Traceback" not in segment.stderr and "file an issue" not in segment.stderr
     line = last_line(segment)
     assert line.startswith("segment: error: GpuUnavailableError: node "), segment.stderr[-3000:]
     # The fake provider's node ids: ffff...f00001 and on are the nodes it launched.
@@ -230,6 +244,7 @@ def test_gpu_training_workers_without_cuda_fail_before_training_with_one_line(
         "--num-workers", "1", "--use-gpu", "--resource-timeout", "300",
     )  # fmt: skip
     assert train.returncode == 1, train.stderr[-3000:]
+    assert "Traceback" not in train.stderr
     line = last_line(train)
     assert line.startswith("train: error: training failed: GpuUnavailableError: node "), train.stderr[-3000:]
     assert "Ray node ffffffffffff" in line and "was given a GPU by Ray but torch" in line

@@ -67,12 +67,15 @@ def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
     assert len(read_history(str(run / "metrics.jsonl"))) == 1
 
     masks = tmp_path / "masks"
-    _submit(
+    # Default flags on a head with CPUs only: `--gpus-per-actor auto` finds no GPU and no node type
+    # with one, and runs CPU actors instead of waiting out --resource-timeout.
+    logs = _submit(
         ray_cluster,
         f"python -m jobs.segment --input {val / 'images'} --output {masks} --model {run / 'model'}"
-        " --score-threshold 0.05 --gpus-per-actor 0 --batch-size 2",
+        " --score-threshold 0.05 --batch-size 2",
         runtime_env=RUNTIME_ENV,
     )
+    assert "segment: inference actors on CPUs (the cluster has no GPU node" in logs
     rows = pads.dataset(str(masks), format="parquet").to_table().to_pylist()
     assert sorted(row["path"] for row in rows) == sorted(str(p) for p in (val / "images").iterdir())
     assert all(row["error"] is None for row in rows)
@@ -90,6 +93,38 @@ def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
     reported = read_history(str(run / "metrics.jsonl"))[-1]
     for iou_type in ("bbox", "segm"):
         assert stats[iou_type]["AP"] == reported[iou_type]["AP"], iou_type
+
+
+def test_gpus_a_cpu_only_cluster_can_never_give_end_each_job_at_once_in_one_line(
+    ray_cluster, tmp_path, model_dir
+):
+    """`--gpus-per-actor 1` and `jobs.train --use-gpu` on a head with CPUs only and no autoscaler:
+    Ray reports the request infeasible, and the job says so in one line (exit 2) instead of waiting
+    out the default --resource-timeout of 1200 s (the submission is given 600 s in all)."""
+    data = tmp_path / "data"
+    _submit(ray_cluster, f"python -m jobs.make_shapes {data} --num-images 4 --seed 1 --size 64")
+    segment = _submit(
+        ray_cluster,
+        f"python -m jobs.segment --input {data / 'images'} --output {tmp_path / 'masks'} "
+        f"--model {model_dir} --gpus-per-actor 1",
+        expect="failed",
+    )
+    train = _submit(
+        ray_cluster,
+        f"python -m jobs.train --train-annotations {data / 'annotations.json'} "
+        f"--train-images {data / 'images'} --output {tmp_path / 'run'} --preset tiny "
+        "--num-workers 1 --use-gpu",
+        expect="failed",
+    )
+    for logs, prog, what, way_out in (
+        (segment, "segment", "an inference actor of 1 CPU and 1 GPU", "--gpus-per-actor 0"),
+        (train, "train", "a training worker of 1 CPU and 1 GPU", "leave --use-gpu out"),
+    ):
+        last = logs.strip().splitlines()[-1]
+        assert last.startswith(f"{prog}: error: {what} can never be placed"), logs[-3000:]
+        assert way_out in last and "node type" in last
+        assert "Traceback" not in logs
+    assert not (tmp_path / "masks").exists() or not list((tmp_path / "masks").glob("part-*"))
 
 
 def test_submitted_env_vars_reach_the_workers_of_a_job(ray_cluster):
@@ -131,8 +166,10 @@ def _submit(
     entrypoint: str | list[str],
     runtime_env: dict | None = None,
     working_dir: Path = REPO,
+    expect: str = "succeeded",
 ) -> str:
-    """`ray job submit --working-dir DIR [--runtime-env-json ...]`, waited for; fail unless SUCCEEDED.
+    """`ray job submit --working-dir DIR [--runtime-env-json ...]`, waited for; fail unless it ends
+    as `expect` says (SUCCEEDED by default).
 
     Returns the job's logs.
     """
@@ -156,5 +193,5 @@ def _submit(
         reported = reported.stdout.lower()
         status = next((state for state in TERMINAL if f"' {state}" in reported), reported)
     logs = ray_cli(home, "job", "logs", "--address", address, job_id, RAY_AUTH_MODE="token").stdout
-    assert status == "succeeded", f"{entrypoint}\n{status}\n{logs[-4000:]}"
+    assert status == expect, f"{entrypoint}\n{status}\n{logs[-4000:]}"
     return logs
