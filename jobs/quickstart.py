@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overlays", type=bounded(int, 0), default=6, help="overlay PNGs to draw (default 6)"
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show what Ray and the workers print (by default it stays in Ray's log files)",
+    )  # fmt: skip
     return parser
 
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step(1, "synthetic shapes: training set", lambda: _shapes(paths.train, args.train_images, seed=1))
     _step(2, "synthetic shapes: validation set", lambda: _shapes(paths.val, args.val_images, seed=2))
-    with ray_session():
+    with ray_session(verbose=args.verbose):
         train_until = started + budget_s - reserve_s
         _step(3, "training with Ray Train", lambda: _train(args, paths, train_until))
         _step(

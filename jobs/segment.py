@@ -20,9 +20,10 @@ import sys
 from dataclasses import replace
 
 from jobs.cli import OneLineParser, bounded
-from mrcnn.model_spec import ModelError, load_spec
+from mrcnn.model_spec import TORCHVISION_PREFIX, ModelError, load_spec
 from mrcnn.storage import StorageError
 from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
+from pipeline.gpu import AUTO
 from pipeline.inference import PRECISION_CHOICES
 from pipeline.inputs import InputError, check_input
 from pipeline.provenance import ProvenanceMismatch, check_output, job_record, record_output
@@ -39,6 +40,19 @@ def actor_range(text: str) -> tuple[int, int]:
     if not 1 <= bounds[0] <= bounds[1]:
         raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
     return bounds
+
+
+def gpus_per_actor(text: str) -> float | str:
+    """`auto` or a number of GPUs >= 0."""
+    if text == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or at least 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpus-per-actor",
-        type=bounded(float, 0.0),
-        default=1.0,
-        help="GPUs per inference actor (default 1; 0: CPU actors). Requested as given on a cluster "
-        "(RAY_ADDRESS), so that its autoscaler adds GPU nodes; a local Ray uses them only when the "
-        "machine has GPUs",
+        type=gpus_per_actor,
+        default=AUTO,
+        metavar="auto|G",
+        help="GPUs per inference actor. auto (the default): 1 where the cluster has GPU nodes or its "
+        "autoscaler a node type with GPUs, else CPU actors (0). A number is requested as given on a "
+        "cluster (RAY_ADDRESS), so that its autoscaler adds GPU nodes; a request no node and no node "
+        "type can hold stops the job at once. A local Ray uses GPUs only when the machine has them",
     )
     parser.add_argument(
         "--cpus-per-actor",
@@ -120,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "machine's cores plus two, so that the listing, decode and RLE tasks run beside actors "
         "that use every core)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show what Ray and the job's workers print (by default it stays in Ray's log files)",
+    )  # fmt: skip
     return parser
 
 
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_ray_version(training=False)
         spec = check_input(args.input, args.limit)
-        load_spec(args.model)
+        check_model(args.model)
         record = job_record(args.model, args.score_threshold, args.max_pixels, args.amp)
     except (RayCompatError, InputError, ModelError, StorageError) as error:
         print(f"segment: error: {error}", file=sys.stderr)
@@ -143,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.actor_sizing import local_ray_cpus
     from pipeline.bulk_segmentation import SegmentConfig, SegmentError, run_segmentation
+    from pipeline.placement import InfeasibleRequest
     from pipeline.ray_runtime import ray_session
     from pipeline.shared_storage import SharedStorageError, check_local_paths
 
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         resource_timeout_s=args.resource_timeout,
     )
     try:
-        with ray_session(num_cpus=args.num_cpus or local_ray_cpus()) as session:
+        with ray_session(num_cpus=args.num_cpus or local_ray_cpus(), verbose=args.verbose) as session:
             if session.joined_cluster:
                 markers = check_local_paths(
                     {"--output": args.output}, {"--input": args.input, "--model": args.model}
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 if notice:
                     print(f"segment: note: {notice}", file=sys.stderr)
             report = run_segmentation(replace(config, job=previous or record))
-    except SharedStorageError as error:
+    except (SharedStorageError, InfeasibleRequest) as error:
         print(f"segment: error: {error}", file=sys.stderr)
         return 2
     except (SegmentError, StorageError) as error:
@@ -200,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def check_model(uri: str) -> None:
+    """Raise `ModelError` (one line) unless the driver finds what every actor will load: the
+    model folder's `model.json`, or torchvision's weights in the torch hub cache (downloaded there
+    where there is network), as `jobs.train` checks its backbone's."""
+    load_spec(uri)
+    if uri.startswith(TORCHVISION_PREFIX):
+        from mrcnn.weights import WeightsError, ensure_torchvision_weights
+
+        try:
+            ensure_torchvision_weights(uri[len(TORCHVISION_PREFIX) :])
+        except WeightsError as error:
+            raise ModelError(str(error)) from error
 
 
 def _output_unreachable(error: StorageError) -> int:

@@ -195,6 +195,11 @@ def build_parser() -> OneLineParser:
         help="every N steps: loss, lr and images/s to metrics.jsonl and TensorBoard, and a progress "
         f"line; 0 for epochs only (default {DEFAULTS.log_every})",
     )
+    watch.add_argument(
+        "--verbose", action="store_true",
+        help="also show what Ray and the training workers print (by default it stays in Ray's log "
+        "files; the progress lines show either way)",
+    )  # fmt: skip
     return parser
 
 
@@ -269,12 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
 
+    from pipeline.placement import InfeasibleRequest
     from pipeline.ray_runtime import ray_session
     from pipeline.shared_storage import SharedStorageError, check_local_paths
     from pipeline.trainer import run_training
 
     try:
-        with ray_session(num_cpus=args.num_cpus) as session:
+        with ray_session(num_cpus=args.num_cpus, verbose=args.verbose) as session:
             marker = None
             if session.joined_cluster:
                 readable = {
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_marker=marker,
                 started=started,
             )
-    except SharedStorageError as error:
+    except (SharedStorageError, InfeasibleRequest) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
     except (TrainingError, storage.StorageError) as error:

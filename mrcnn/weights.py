@@ -88,6 +88,18 @@ def torchvision_cache_path(builder: str) -> str:
     return hub_cache_path(_torchvision_weights(builder))
 
 
+def ensure_torchvision_weights(builder: str) -> str:
+    """The hub-cache path of torchvision's COCO weights for `builder`, downloaded there if missing.
+
+    For a driver to check up front what every inference actor will load; raises `WeightsError`
+    (one line naming the file) where the file is neither cached nor downloadable.
+    """
+    path = torchvision_cache_path(builder)
+    if not os.path.exists(path):
+        _torchvision_state_dict(builder)
+    return path
+
+
 def hub_cache_path(weights: WeightsEnum) -> str:
     """Where the torch hub cache keeps the file of torchvision `weights` (it may not exist).
 

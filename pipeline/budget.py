@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from pipeline.job_log import say
+
 # Steps timed before the first plan. The first steps of a run are slower (first-touch allocations,
 # Ray Data's first blocks): they count against the budget through the clock, but the step time
 # is measured from the end of step `UNTIMED_STEPS` on.
@@ -208,14 +210,13 @@ class Schedule:
             self._announce = False
             images = self._images_per_step / plan.seconds_per_step
             end = time.strftime("%H:%M:%S", time.localtime(self._expected_end(step)))
-            print(
+            say(
                 f"train: plan: {steps} steps in all ({step} done) at {plan.seconds_per_step:.3f} s/step, "
                 f"{images:.1f} images/s; the schedule ends at step {steps}, about {end} "
-                f"(budget {plan.budget_s / 60:.1f} min)",
-                flush=True,
+                f"(budget {plan.budget_s / 60:.1f} min)"
             )
             if plan.warning():
-                print(f"train: {plan.warning()}", flush=True)
+                say(f"train: {plan.warning()}")
 
     def record(self, step: int) -> dict:
         """What an epoch's metrics (and a checkpoint) say of the schedule: the step reached, the

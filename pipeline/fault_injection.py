@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.job_log import say
+
 FAIL_AFTER_EPOCH_ENV = "MRCNN_TRAIN_FAIL_AFTER_EPOCH"
 FAIL_AFTER_STEP_ENV = "MRCNN_TRAIN_FAIL_AFTER_STEP"
 
@@ -23,5 +25,5 @@ def requested() -> tuple[int | None, int | None]:
 
 def exit_worker(after: str) -> None:
     """End this worker process at once, without cleanup, as a kill would; `after` says where."""
-    print(f"train: worker exits on purpose after {after} (fault injection)", flush=True)
+    say(f"train: worker exits on purpose after {after} (fault injection)")
     os._exit(1)

@@ -27,7 +27,9 @@ imports Ray, NumPy and PyTorch again, on the CPUs training needs (figures in BEN
 "Training throughput on 2 cores"). A cluster started with `ray start` sets this on its own command
 line (cluster.yaml).
 
-Ray started here is shut down when the `ray_session` block ends.
+Either way the job's console keeps to its own lines unless `--verbose` (`pipeline.job_log`): what
+the workers print stays in Ray's log files. Ray started here is shut down when the `ray_session`
+block ends.
 """
 
 from __future__ import annotations
@@ -86,23 +88,28 @@ def submitted_env_vars() -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[RaySession]:
+def ray_session(
+    num_cpus: int | None = None, num_gpus: int | None = None, verbose: bool = False
+) -> Iterator[RaySession]:
     """Make Ray usable inside the block (see the module docstring for which Ray).
 
     `num_cpus` / `num_gpus` size a local Ray started here (None: what the machine has); they are
-    ignored when an existing Ray is used, whose resources are the cluster's.
+    ignored when an existing Ray is used, whose resources are the cluster's. Unless `verbose`,
+    Ray's console output is kept to the job's own lines (`pipeline.job_log.QuietRay`).
     """
     import ray
 
+    from pipeline.job_log import QuietRay
     from pipeline.ray_compat import local_system_config
 
     joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
-        yield RaySession(joined_cluster)
+        with QuietRay(verbose):
+            yield RaySession(joined_cluster)
         return
     runtime_env = {"env_vars": forwarded_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=verbose)
     else:
         ray.init(
             address="local",
@@ -110,9 +117,11 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
             num_gpus=num_gpus,
             dashboard_host=LOCALHOST,
             runtime_env=runtime_env,
+            log_to_driver=verbose,
             _system_config=local_system_config(LOCAL_WORKERS_SOFT_LIMIT),
         )
     try:
-        yield RaySession(joined_cluster)
+        with QuietRay(verbose):
+            yield RaySession(joined_cluster)
     finally:
         ray.shutdown()

@@ -15,7 +15,6 @@ the S3 client's retries) raise so that Ray retries the task.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import numpy as np
@@ -26,9 +25,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from mrcnn.coco import CocoDataset, build_target
 from mrcnn.images import ImageDecodeError, decode_image
 from pipeline.idle_backoff import with_idle_backoff
+from pipeline.job_log import warn
 from pipeline.read_input import InputMissing, read_input
-
-logger = logging.getLogger("pipeline.train_data")
 
 # Images above this many pixels (read from the header, before decoding) are left out: a training
 # set has no business holding decompression bombs.
@@ -159,7 +157,7 @@ def _read_image(batch: dict[str, np.ndarray], row: int, exif_orientation: str) -
     try:
         image = decode_image(read_input(uri), max_pixels=MAX_PIXELS, orientation=exif_orientation)
     except (ImageDecodeError, InputMissing) as error:
-        logger.warning("%s: left out of training: %s", uri, error)
+        warn(f"train: warning: {uri}: left out of training: {error}")
         return None
     expected = (int(batch["height"][row]), int(batch["width"][row]))
     if image.shape[:2] != expected:
@@ -168,9 +166,9 @@ def _read_image(batch: dict[str, np.ndarray], row: int, exif_orientation: str) -
         if image.shape[:2] == expected[::-1]:
             other = "apply" if exif_orientation == "stored" else "stored"
             hint = f" (EXIF orientation turns it: are the annotations for --exif-orientation {other}?)"
-        logger.warning(
-            "%s: left out of training: the image is %dx%d but its annotations say %dx%d%s",
-            uri, image.shape[1], image.shape[0], expected[1], expected[0], hint,
+        warn(
+            f"train: warning: {uri}: left out of training: the image is {image.shape[1]}x"
+            f"{image.shape[0]} but its annotations say {expected[1]}x{expected[0]}{hint}"
         )
         return None
     return image

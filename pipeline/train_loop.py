@@ -40,6 +40,8 @@ from mrcnn.precision import autocast
 from pipeline import fault_injection
 from pipeline.budget import Schedule
 from pipeline.checkpoints import load_state, save_state
+from pipeline.gpu import node_description
+from pipeline.job_log import say
 from pipeline.loop_config import LoopConfig
 from pipeline.metrics import LOSS_NAMES, format_ap, format_epoch, format_step, write_history
 from pipeline.optimizer import lr_factor, make_optimizer
@@ -100,6 +102,9 @@ class _Run:
         torch.manual_seed(config.seed + 1000 * (self.rank + 1))
         self.model = model
         self.ddp_model = ray.train.torch.prepare_model(model)
+        if self.rank == 0:
+            world = ray.train.get_context().get_world_size()
+            say(f"train: {world} worker(s) started; rank 0 on {node_description()}, {self.device}")
 
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         self.schedule = Schedule(
@@ -169,7 +174,7 @@ class _Run:
                 ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
                 write_history(config.metrics_uri, self.history)
                 self._tensorboard_validation(record)
-                print(f"train: {format_epoch(record, config.epochs)}", flush=True)
+                say(f"train: {format_epoch(record, config.epochs)}")
                 started_before = self.start_step <= (epoch - 1) * config.steps_per_epoch
                 if config.fail_after_epoch == epoch and started_before:
                     fault_injection.exit_worker(f"epoch {epoch}")
@@ -243,7 +248,7 @@ class _Run:
                 self.history.append(record)
                 write_history(config.metrics_uri, self.history)
                 self._tensorboard_validation(record)
-                print(f"train: step {self.step} validation:{format_ap(record)}", flush=True)
+                say(f"train: step {self.step} validation:{format_ap(record)}")
         if config.checkpoint_every and self.step % config.checkpoint_every == 0:
             self._checkpoint(f"step-{self.step:09d}", {})
             if self.rank == 0 and config.fail_after_step == self.step and self.start_step < self.step:
@@ -268,7 +273,7 @@ class _Run:
             scalars = {f"train/{k}": record[k] for k in ("loss", *LOSS_NAMES, "lr", "images_per_second")}
             self.tensorboard.scalars(self.step, scalars)
             self.tensorboard.flush()
-        print(f"train: {format_step(record, self.schedule.steps, self.config.epochs)}", flush=True)
+        say(f"train: {format_step(record, self.schedule.steps, self.config.epochs)}")
 
     def _validate(self) -> dict | None:
         """COCO stats of the model on the validation set, on rank 0 (None elsewhere); a collective."""
@@ -386,9 +391,8 @@ def _resume_state(rank: int) -> dict | None:
         state = load_state(directory)
     if rank == 0:
         uri = storage.to_uri(checkpoint.filesystem, checkpoint.path)
-        print(
+        say(
             f"train: resuming from checkpoint {uri} (epoch {int(state['epoch'])} done) "
-            f"at step {int(state.get('step', 0))}",
-            flush=True,
+            f"at step {int(state.get('step', 0))}"
         )
     return state

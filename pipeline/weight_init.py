@@ -9,6 +9,7 @@ from mrcnn.backbone import freeze_backbone
 from mrcnn.categories import Category
 from mrcnn.transfer import shared_labels, transferred_state
 from mrcnn.weights import TORCHVISION_PREFIX, WeightsError, read_state_dict, torchvision_categories
+from pipeline.job_log import say
 from pipeline.loop_config import LoopConfig
 
 
@@ -34,11 +35,10 @@ def initialise_from(
         raise WeightsError(f"{uri}: no tensor fits the model (names or shapes all differ)")
     model.load_state_dict(state, strict=False)
     if log:
-        print(
+        say(
             f"train: initialised {len(state)} of {len(own)} tensors from {uri} "
             f"(the rest, e.g. {sorted(set(own) - set(state))[:3]}, stay random)"
-            + (f"; predictor rows of {rows} categories from the classes of the same name" if rows else ""),
-            flush=True,
+            + (f"; predictor rows of {rows} categories from the classes of the same name" if rows else "")
         )
     return len(state), len(own)
 
