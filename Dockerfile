@@ -5,8 +5,9 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 WORKDIR /home/ray/mask-rcnn-ray
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml requirements.lock README.md ./
 COPY --chown=ray:users mrcnn mrcnn
 COPY --chown=ray:users pipeline pipeline
 COPY --chown=ray:users jobs jobs
-RUN python -m pip install --no-cache-dir . && rm -rf build *.egg-info
+# The versions of requirements.lock, as `make setup` installs them (constraints: nothing extra).
+RUN python -m pip install --no-cache-dir -c requirements.lock . && rm -rf build *.egg-info

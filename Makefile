@@ -4,16 +4,33 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint lock clean
 
 setup: $(STAMP)
 
-# Re-install only when the project's dependency list changes: a second `make setup` is instant.
-$(STAMP): pyproject.toml
+# The exact versions of requirements.lock, then the project itself without resolving anything
+# again: every machine and CI run the same pyarrow, AWS SDK and test tools. Re-installs only when
+# the dependency list or the lock changes: a second `make setup` is instant.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Refresh requirements.lock: resolve pyproject.toml (with its dev extra) afresh in a scratch
+# environment and freeze it. Run it after changing a dependency, and commit the lock.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	{ sed -n '1,/^[^#]/{/^#/p}' requirements.lock; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf $(LOCK_VENV)
 
 demo: setup
 	$(PY) -m jobs.quickstart --budget-minutes 10
@@ -28,4 +45,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf demo-output .pytest_cache .ruff_cache
+	rm -rf demo-output .pytest_cache .ruff_cache .lock-venv
