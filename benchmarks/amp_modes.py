@@ -36,8 +36,8 @@ from mrcnn.images import decode_image
 from mrcnn.model_folder import load_model
 from mrcnn.precision import autocast
 from mrcnn.shapes import generate_shapes
-from pipeline.metrics import read_history
-from pipeline.ray_runtime import ray_session
+from pipeline.cluster.session import ray_session
+from pipeline.train.metrics import read_history
 
 CPU = torch.device("cpu")
 # COCO evaluation's score threshold (the quickstart segments with it): a short run's model has

@@ -3,9 +3,9 @@
     PYTHONPATH=. python benchmarks/aspect_grouping.py --device cuda [--preset r50-fpn-v2]
         [--batch-size 8] [--images 64] [--rounds 5] [--short-side 800]
 
-Landscape and portrait photos (`mrcnn.photos`, half of each, in random order) at `--short-side`
+Landscape and portrait photos (`benchmarks/photos.py`, half of each, in random order) at `--short-side`
 px go through what a bulk segmentation job's decode task and inference actor do with them:
-`pipeline.decode.shrink_to_model_size`, then `pipeline.inference.Segmenter` (its forward, bf16
+`pipeline.segment.decode.shrink_to_model_size`, then `pipeline.segment.inference.Segmenter` (its forward, bf16
 autocast on CUDA, and the copy of the detections to host memory) on batches of `--batch-size`,
 once with `group_by_orientation` on (one forward per orientation when that saves a quarter of the
 padded pixels, `mrcnn.batching`) and once off (one forward per batch). The model is `--preset`
@@ -30,15 +30,15 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.photos import photos
 from jobs.cli import OneLineParser, bounded
 from mrcnn.batching import input_size, orientation_groups, padding_waste
 from mrcnn.model import build_model
 from mrcnn.model_folder import save_model_folder, spec_for
-from mrcnn.photos import photos
 from mrcnn.presets import PRESETS, get_preset
 from mrcnn.shapes import CATEGORIES
-from pipeline.decode import shrink_to_model_size
-from pipeline.inference import Segmenter
+from pipeline.segment.decode import shrink_to_model_size
+from pipeline.segment.inference import Segmenter
 
 SCORE_THRESHOLD = 0.05
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def batches(images: list[np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Decoded batches as `pipeline.decode.decode_batch` makes them (no error rows)."""
+    """Decoded batches as `pipeline.segment.decode.decode_batch` makes them (no error rows)."""
     result = []
     for first in range(0, len(images), batch_size):
         part = images[first : first + batch_size]

@@ -28,7 +28,7 @@ from mrcnn.model import build_model
 from mrcnn.precision import autocast, cpu_computes_bf16
 from mrcnn.presets import PRESETS, get_preset
 from mrcnn.shapes import CATEGORIES, generate_shapes
-from pipeline.decode import shrink_to_model_size
+from pipeline.segment.decode import shrink_to_model_size
 
 CPU = torch.device("cpu")
 

@@ -26,8 +26,8 @@ import tempfile
 from jobs import train as train_job
 from mrcnn import storage
 from mrcnn.shapes import generate_shapes
-from pipeline.metrics import read_history
-from pipeline.ray_runtime import ray_session
+from pipeline.cluster.session import ray_session
+from pipeline.train.metrics import read_history
 
 VARIANTS = (
     ("RoIAlign, sigmoid", ["--roi-op", "align", "--mask-loss", "sigmoid"]),

@@ -19,7 +19,7 @@ The same images, the same random model of `--preset`, all on this machine's CPUs
     pycocotools RLE of the pasted masks -> `write_parquet`), also the whole command, in float32
     as those pages write it.
 `--images shapes`: generated shapes PNGs of `--size` px (256 by default). `--images photos`: JPEGs
-of the photos scikit-image ships (`mrcnn.photos`), landscape and portrait, shorter side `--size`
+of the photos scikit-image ships (`benchmarks/photos.py`), landscape and portrait, shorter side `--size`
 (800 by default, the R50 presets' `min_size`).
 
 The job pays a fixed start-up the bare loop does not (Ray's, the actor's process with its torch
@@ -53,7 +53,7 @@ from mrcnn.precision import autocast, inference_precision
 from mrcnn.presets import PRESETS
 from mrcnn.rle import masks_to_rle
 from mrcnn.shapes import CATEGORIES, generate_shapes
-from pipeline.decode import shrink_to_model_size
+from pipeline.segment.decode import shrink_to_model_size
 
 DOCS_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_docs_pipeline.py")
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.images == "shapes":
             images = generate_shapes(images, args.num_images, seed=0, size=size).images_root
         else:
-            from mrcnn.photos import write_photos
+            from benchmarks.photos import write_photos
 
             write_photos(images, args.num_images, short_side=size)
         paths = sorted(storage.iter_files(images))

@@ -45,7 +45,7 @@ from mrcnn import build_model, storage
 from mrcnn.coco import build_target, read_coco
 from mrcnn.images import decode_image
 from mrcnn.shapes import generate_shapes
-from pipeline.metrics import read_history
+from pipeline.train.metrics import read_history
 
 # The model must not learn during the measurement: as it learns, more proposals match objects and
 # the mask head's share of a step grows, so step times would depend on how far each side got

@@ -1,9 +1,13 @@
-"""What every entry point shares: an argument parser whose errors are one line, and bounded numbers."""
+"""What every entry point shares: an argument parser whose errors are one line, bounded numbers, and
+the mapping of the project's two kinds of error to an exit code and one line (`run_job`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+
+from mrcnn.errors import RunError, UserError, one_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,3 +38,17 @@ def bounded(
         return value
 
     return parse
+
+
+def run_job(prog: str, work: Callable[[], int]) -> int:
+    """`work()`'s exit code; an error it raises ends the job with one line on stderr and the exit
+    code of its base (`mrcnn.errors`): 2 for a `UserError` (also one that is a `RunError` too),
+    1 for a `RunError`. Anything else is a bug and keeps its traceback."""
+    try:
+        return work()
+    except UserError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except RunError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 1

@@ -24,21 +24,21 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
-from pycocotools import mask as mask_utils
 
-from jobs.cli import OneLineParser
+from jobs.cli import OneLineParser, run_job
 from mrcnn import storage
-from mrcnn.coco import CocoError, read_coco
+from mrcnn.coco import read_coco
+from mrcnn.errors import UserError
 from mrcnn.evaluation import detections_from_prediction, evaluate_coco_with_summary
 from mrcnn.images import ORIENTATIONS
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored, stored_size
+from mrcnn.rle import encode_mask, rle_to_mask
+from pipeline.segment import output
 
 COLUMNS = ["path", "width", "height", "category_ids", "scores", "boxes", "masks", "error"]
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserError):
     """Predictions or annotations that cannot be evaluated together; the message is one line."""
 
 
@@ -88,14 +88,10 @@ def read_detections(
     the stored pixels (see the module docstring).
     """
     index = image_index(ground_truth, images_root)
-    filesystem, path = storage.resolve(predictions_uri)
-    try:
-        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-        batches = dataset.to_batches(columns=COLUMNS)
-    except FileNotFoundError as error:
-        raise EvaluationError(f"{predictions_uri}: no such predictions folder") from error
-    except (pa.ArrowException, OSError) as error:
-        raise EvaluationError(f"{predictions_uri}: cannot read predictions ({error})") from error
+    listed = output.part_files(predictions_uri)
+    if not listed[1]:
+        raise EvaluationError(f"{predictions_uri}: no such predictions folder (no segmentation output there)")
+    batches = output.scan_parts(predictions_uri, COLUMNS, listed)
     detections: list[dict] = []
     matched: set[int] = set()
     counts = {"rows": 0, "error_rows": 0, "unmatched_rows": 0}
@@ -163,22 +159,26 @@ def _to_stored(row: dict, orientation: int) -> dict:
     boxes = boxes_to_stored(np.asarray(row["boxes"], np.float32), orientation, row["width"], row["height"])
     masks = []
     for counts in row["masks"]:
-        mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": counts.encode("ascii")})
-        stored = mask_to_stored(mask, orientation)
-        masks.append(mask_utils.encode(np.asfortranarray(stored))["counts"].decode("ascii"))
+        stored = mask_to_stored(rle_to_mask(counts, row["height"], row["width"]), orientation)
+        masks.append(encode_mask(stored).decode("ascii"))
     return {**row, "width": width, "height": height, "boxes": boxes.tolist(), "masks": masks}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_job("evaluate", lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Match the rows to the annotations, score them with COCOeval, print and write the stats."""
     try:
         ground_truth = read_coco(args.annotations, images_root="").evaluation_ground_truth()
         detections, counts = read_detections(
             args.predictions, ground_truth, args.images_root, args.exif_orientation
         )
-    except (EvaluationError, CocoError, storage.StorageError) as error:
-        print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    except storage.StorageError as error:
+        # The predictions or annotations could not be read: the command names what to fix.
+        raise EvaluationError(str(error)) from error
     print(
         f"evaluate: {counts['matched_images']} of {counts['images']} annotated images have a row "
         f"({counts['error_rows']} of them error rows); {counts['rows']} rows, "
@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     stats, summary = evaluate_coco_with_summary(ground_truth, detections)
     print(summary)
     if args.json:
-        try:
-            storage.write_bytes(args.json, (json.dumps(stats, indent=2) + "\n").encode())
-        except storage.StorageError as error:
-            print(f"evaluate: error: {error}", file=sys.stderr)
-            return 1
+        storage.write_bytes(args.json, (json.dumps(stats, indent=2) + "\n").encode())
     return 0
 
 

@@ -9,10 +9,10 @@ seed. Train on it with `--annotations OUT/annotations.json --images-root OUT/ima
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from jobs.cli import OneLineParser, bounded
+from jobs.cli import OneLineParser, bounded, run_job
+from mrcnn.errors import UserError
 from mrcnn.shapes import MIN_SIZE, generate_shapes
 from mrcnn.storage import StorageError
 
@@ -28,14 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OutputUnwritable(UserError):
+    """`OUT` cannot be written: the command names a place to fix."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_job("make_shapes", lambda: make_shapes(args))
+
+
+def make_shapes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         result = generate_shapes(args.out, args.num_images, seed=args.seed, size=args.size)
     except StorageError as error:
-        print(f"make_shapes: error: {error}", file=sys.stderr)
-        return 2
+        raise OutputUnwritable(str(error)) from error
     print(
         f"wrote {result.num_images} images and {result.num_annotations} annotations "
         f"to {args.out} in {time.perf_counter() - started:.1f} s "

@@ -24,6 +24,7 @@ its last checkpoint. `--fresh` starts clean.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
@@ -46,9 +46,11 @@ from mrcnn.images import decode_image
 from mrcnn.overlay import draw_instances
 from mrcnn.precision import PRECISIONS
 from mrcnn.rle import rle_to_mask
-from mrcnn.shapes import generate_shapes
-from pipeline.metrics import METRICS_FILE, read_history
-from pipeline.ray_runtime import ray_session
+from mrcnn.shapes import dataset_uris, generate_shapes
+from pipeline.cluster.session import ray_session
+from pipeline.segment import output
+from pipeline.train.metrics import read_history
+from pipeline.train.run_folder import RunFolder
 
 STEPS = 6
 OVERLAY_MIN_SCORE = 0.5
@@ -167,7 +169,7 @@ class _Paths:
         self.train = os.path.join(workdir, "data", "train")
         self.val = os.path.join(workdir, "data", "val")
         self.run = os.path.join(workdir, "train")
-        self.model = os.path.join(self.run, "model")
+        self.model = RunFolder(self.run).model_uri
         self.segments = os.path.join(workdir, "segments")
         self.evaluation = os.path.join(workdir, "evaluation.json")
         self.overlays = os.path.join(workdir, "overlays")
@@ -182,7 +184,7 @@ def _step(number: int, title: str, action: Callable[[], str | None]) -> None:
 
 
 def _shapes(out: str, count: int, seed: int) -> str:
-    if os.path.exists(os.path.join(out, "annotations.json")):
+    if storage.exists(dataset_uris(out)[0]):
         return f"already there: {out}"
     print(f"$ python -m jobs.make_shapes {out} --num-images {count} --seed {seed}", flush=True)
     generated = generate_shapes(out, count, seed=seed)
@@ -220,14 +222,14 @@ def _too_slow(plan: dict, budget_minutes: float) -> str:
 
 
 def _training_plan(paths: _Paths) -> dict | None:
-    history = read_history(os.path.join(paths.run, METRICS_FILE))
+    history = read_history(RunFolder(paths.run).metrics_uri)
     return history[-1].get("plan") if history else None
 
 
 def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
     argv = [
-        "--train-annotations", os.path.join(paths.train, "annotations.json"),
-        "--train-images", os.path.join(paths.train, "images"),
+        "--train-annotations", dataset_uris(paths.train)[0],
+        "--train-images", dataset_uris(paths.train)[1],
         # No validation set here: step 5 scores the segmentation output of the same held-out
         # images with the same COCOeval (the two agreed exactly, BENCHMARKS.md "Before the
         # budget"), and a validation pass per epoch would take its share of the budget each time.
@@ -258,7 +260,7 @@ def training_precision(args: argparse.Namespace) -> str:
 
 def _segment_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
     argv = [
-        "--input", os.path.join(paths.val, "images"),
+        "--input", dataset_uris(paths.val)[1],
         "--output", paths.segments,
         "--model", paths.model,
         "--score-threshold", str(EVALUATION_SCORE_THRESHOLD),
@@ -270,19 +272,16 @@ def _segment_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
 def _evaluate_argv(paths: _Paths) -> list[str]:
     return [
         "--predictions", paths.segments,
-        "--annotations", os.path.join(paths.val, "annotations.json"),
-        "--images-root", os.path.join(paths.val, "images"),
+        "--annotations", dataset_uris(paths.val)[0],
+        "--images-root", dataset_uris(paths.val)[1],
         "--json", paths.evaluation,
     ]  # fmt: skip
 
 
 def _draw_overlays(paths: _Paths, count: int) -> str:
     os.makedirs(paths.overlays, exist_ok=True)
-    rows = (
-        pads.dataset(paths.segments, format="parquet")
-        .head(count, columns=["path", "width", "height", "categories", "scores", "boxes", "masks", "error"])
-        .to_pylist()
-    )
+    columns = ["path", "width", "height", "categories", "scores", "boxes", "masks", "error"]
+    rows = list(itertools.islice(output.iter_rows(paths.segments, columns), count))
     for row in rows:
         if row["error"] is not None:
             continue
@@ -307,9 +306,8 @@ def _draw_overlays(paths: _Paths, count: int) -> str:
 def _summary(paths: _Paths, seconds: float, args: argparse.Namespace) -> dict:
     with open(paths.evaluation) as file:
         evaluation = json.load(file)
-    with open(os.path.join(paths.segments, "_SUCCESS.json")) as file:
-        segmentation = json.load(file)
-    history = read_history(os.path.join(paths.run, METRICS_FILE))
+    segmentation = output.read_success(paths.segments)
+    history = read_history(RunFolder(paths.run).metrics_uri)
     trained_images = sum(epoch["images"] for epoch in history)
     trained_seconds = sum(epoch["seconds"] for epoch in history)
     return {
@@ -354,7 +352,7 @@ instances) at {summary["segment_images_per_second"] or 0:.1f} images/s
   masks:     {paths.segments}  (Parquet, one row per image)
   overlays:  {paths.overlays}
   summary:   {paths.summary}
-  training metrics: {os.path.join(paths.run, "metrics.jsonl")}
+  training metrics: {RunFolder(paths.run).metrics_uri}
 
 Read the masks:
   python -c "import duckdb; print(duckdb.sql(\\"select path, len(scores) as n, categories \

@@ -6,8 +6,8 @@
 `--input` is a folder or `s3://bucket/prefix` (images by extension, recursively), a `.txt`
 manifest (one URI per line) or a `.parquet` manifest with a `path` column. `--model` is a model
 folder exported by `jobs.train` (local or s3://) or `torchvision:maskrcnn_resnet50_fpn_v2`. The
-output gets one row per input image (schema in `pipeline.output`), `OUTPUT/_JOB.json` with the
-settings that made its rows (`pipeline.provenance`), and `OUTPUT/_SUCCESS.json` with the counts
+output gets one row per input image (schema in `pipeline.segment.output`), `OUTPUT/_JOB.json` with the
+settings that made its rows (`pipeline.segment.provenance`), and `OUTPUT/_SUCCESS.json` with the counts
 at the end. Re-running the same command after a crash or a kill processes only the inputs that
 have no row yet; a re-run with other settings (model content, threshold, max pixels) exits 2.
 With `RAY_ADDRESS` set the job runs on that cluster; otherwise on a local Ray of `--num-cpus` CPUs.
@@ -19,15 +19,17 @@ import argparse
 import sys
 from dataclasses import replace
 
-from jobs.cli import OneLineParser, bounded
-from mrcnn.model_spec import TORCHVISION_PREFIX, ModelError, load_spec
+from jobs.cli import OneLineParser, bounded, run_job
+from mrcnn import torchvision_models
+from mrcnn.errors import RunError
+from mrcnn.model_spec import ModelError, ModelSpec, load_spec
 from mrcnn.storage import StorageError
-from pipeline.bulk_segmentation import DEFAULT_RESOURCE_TIMEOUT_S
-from pipeline.gpu import AUTO
-from pipeline.inference import PRECISION_CHOICES
-from pipeline.inputs import InputError, check_input
-from pipeline.provenance import ProvenanceMismatch, check_output, job_record, record_output
-from pipeline.ray_compat import RayCompatError, check_ray_version
+from pipeline.cluster.gpu import AUTO
+from pipeline.cluster.ray_compat import check_ray_version
+from pipeline.segment.inference import PRECISION_CHOICES
+from pipeline.segment.inputs import check_input
+from pipeline.segment.job import DEFAULT_RESOURCE_TIMEOUT_S, SegmentConfig
+from pipeline.segment.provenance import check_output, job_record, record_output
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=bounded(int, 1), default=4, help="images per inference batch (default 4)"
     )
+    _actor_flags(parser)
+    _row_flags(parser)
+    _run_flags(parser)
+    return parser
+
+
+def _actor_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that size the inference actor pool."""
     parser.add_argument(
         "--actors",
         type=actor_range,
@@ -91,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "but two shared among the actors, which leaves two for the listing, decode and RLE tasks: "
         "1 with the default --actors; on a cluster or with GPUs, 1)",
     )
+
+
+def _row_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that decide what a row holds (recorded in `_JOB.json`)."""
     parser.add_argument(
         "--score-threshold",
         type=bounded(float, 0.0, 1.0),
@@ -111,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "natively (GPUs with bf16, CPUs with AMX or AVX512-BF16), fp16 on older GPUs, float32 (off) "
         "elsewhere; box coordinates stay float32 (default auto)",
     )
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """Which inputs, how the output is cut into files, and the Ray the job runs on."""
     parser.add_argument(
         "--limit", type=bounded(int, 1), default=None, help="only the first N inputs of the listing"
     )
@@ -140,37 +158,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true",
         help="also show what Ray and the job's workers print (by default it stays in Ray's log files)",
     )  # fmt: skip
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_ray_version(training=False)
-        spec = check_input(args.input, args.limit)
-        check_model(args.model)
-        record = job_record(args.model, args.score_threshold, args.max_pixels, args.amp)
-    except (RayCompatError, InputError, ModelError, StorageError) as error:
-        print(f"segment: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        previous = check_output(args.output, record)
-    except ProvenanceMismatch as error:
-        print(f"segment: error: {error}", file=sys.stderr)
-        return 2
-    except StorageError as error:
-        return _output_unreachable(error)
+    return run_job("segment", lambda: segment(args))
 
-    from pipeline.actor_sizing import local_ray_cpus
-    from pipeline.bulk_segmentation import SegmentConfig, SegmentError, run_segmentation
-    from pipeline.placement import InfeasibleRequest
-    from pipeline.ray_runtime import ray_session
-    from pipeline.shared_storage import SharedStorageError, check_local_paths
 
-    config = SegmentConfig(
-        input=spec,
+def segment(args: argparse.Namespace) -> int:
+    """Check everything the driver can before Ray starts, then segment on a Ray session."""
+    from pipeline.cluster.session import ray_session
+    from pipeline.segment.actor_sizing import local_ray_cpus
+    from pipeline.segment.job import run_segmentation
+
+    config = config_from(args)
+    previous = _output_record(args.output, config.job)
+    with ray_session(num_cpus=args.num_cpus or local_ray_cpus(), verbose=args.verbose) as session:
+        if session.joined_cluster:
+            config = _on_cluster(config, args)
+        if previous is None:
+            notice = _output_call(args.output, lambda: record_output(args.output, config.job))
+            if notice:
+                print(f"segment: note: {notice}", file=sys.stderr)
+        report = run_segmentation(replace(config, job=previous or config.job))
+    return _print_report(report, args.output)
+
+
+def config_from(args: argparse.Namespace) -> SegmentConfig:
+    """The job's `SegmentConfig`, after the checks that need no Ray: the input can be listed, the
+    model's spec and weights can be read (the spec is read here, once), Ray has the names the
+    job relies on; `job` is the `_JOB.json` record of these settings."""
+    check_ray_version(training=False)
+    inputs = check_input(args.input, args.limit)
+    spec = check_model(args.model)
+    return SegmentConfig(
+        input=inputs,
         output_uri=args.output,
         model_uri=args.model,
+        spec=spec,
         batch_size=args.batch_size,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
@@ -180,34 +205,59 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.amp,
         rows_per_file=args.rows_per_file,
         resource_timeout_s=args.resource_timeout,
+        job=job_record(args.model, args.score_threshold, args.max_pixels, args.amp),
     )
+
+
+def check_model(uri: str) -> ModelSpec:
+    """The model's spec; raises `ModelError` (one line) unless the driver finds what every actor
+    will load: the model folder's `model.json`, or torchvision's weights in the torch hub cache
+    (downloaded there where there is network), as `jobs.train` checks its backbone's."""
+    spec = load_spec(uri)
+    if torchvision_models.is_torchvision(uri):
+        from mrcnn.weights import WeightsError, ensure_torchvision_weights
+
+        try:
+            ensure_torchvision_weights(torchvision_models.builder_of(uri))
+        except WeightsError as error:
+            raise ModelError(str(error)) from error
+    return spec
+
+
+class OutputUnreachable(RunError):
+    """The output could not be read or written (throttling, permissions): a failure of the run, as
+    when a part file cannot be committed, not a mistake in the command line."""
+
+
+def _output_call(output_uri: str, read_or_write):
+    """`read_or_write()` on the output, its storage errors as `OutputUnreachable`."""
     try:
-        with ray_session(num_cpus=args.num_cpus or local_ray_cpus(), verbose=args.verbose) as session:
-            if session.joined_cluster:
-                markers = check_local_paths(
-                    {"--output": args.output}, {"--input": args.input, "--model": args.model}
-                )
-                config = replace(config, joined_cluster=True, output_marker=markers.get("--output"))
-            if previous is None:
-                try:
-                    notice = record_output(args.output, record)
-                except StorageError as error:
-                    return _output_unreachable(error)
-                if notice:
-                    print(f"segment: note: {notice}", file=sys.stderr)
-            report = run_segmentation(replace(config, job=previous or record))
-    except (SharedStorageError, InfeasibleRequest) as error:
-        print(f"segment: error: {error}", file=sys.stderr)
-        return 2
-    except (SegmentError, StorageError) as error:
-        print(f"segment: error: {error}", file=sys.stderr)
-        return 1
+        return read_or_write()
+    except StorageError as error:
+        raise OutputUnreachable(f"{error}; nothing was written, re-run the same command") from error
+
+
+def _output_record(output_uri: str, record: dict) -> dict | None:
+    """The output's `_JOB.json` when it matches `record` (`ProvenanceMismatch` otherwise), read
+    before Ray starts so that a mismatch costs no start-up."""
+    return _output_call(output_uri, lambda: check_output(output_uri, record))
+
+
+def _on_cluster(config: SegmentConfig, args: argparse.Namespace) -> SegmentConfig:
+    """On a cluster the job joined: local paths checked on every node, the output's marker kept."""
+    from pipeline.cluster.shared_storage import check_local_paths
+
+    markers = check_local_paths({"--output": args.output}, {"--input": args.input, "--model": args.model})
+    return replace(config, joined_cluster=True, output_marker=markers.get("--output"))
+
+
+def _print_report(report, output_uri: str) -> int:
     summary = report.to_dict()
     repaired = summary["repaired_duplicates"]
     print(
         f"segment: {summary['new_images']} images ({summary['new_errors']} errors, "
         f"{summary['new_instances']} instances) in {summary['seconds']:.1f} s, "
-        f"{summary['images_per_second']:.2f} images/s; output {args.output} holds "
+        f"{summary['images_per_second']:.2f} images/s; output {output_uri} holds "
         f"{summary['images']} images, {summary['errors']} errors, {summary['instances']} instances "
         f"in {summary['files']} files"
         + (f"; removed {repaired} duplicate rows of a killed run" if repaired else "")
@@ -221,27 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
-
-
-def check_model(uri: str) -> None:
-    """Raise `ModelError` (one line) unless the driver finds what every actor will load: the
-    model folder's `model.json`, or torchvision's weights in the torch hub cache (downloaded there
-    where there is network), as `jobs.train` checks its backbone's."""
-    load_spec(uri)
-    if uri.startswith(TORCHVISION_PREFIX):
-        from mrcnn.weights import WeightsError, ensure_torchvision_weights
-
-        try:
-            ensure_torchvision_weights(uri[len(TORCHVISION_PREFIX) :])
-        except WeightsError as error:
-            raise ModelError(str(error)) from error
-
-
-def _output_unreachable(error: StorageError) -> int:
-    """The output could not be read or written (throttling, permissions): a failure of the run, as
-    when a part file cannot be committed, not a mistake in the command line."""
-    print(f"segment: error: {error}; nothing was written, re-run the same command", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 Writes `OUTPUT/checkpoints/` (every `--checkpoint-every` steps and every epoch),
 `OUTPUT/metrics.jsonl` (a record every `--log-every` steps and one per epoch: losses, lr,
-images/s, validation COCO AP; see `pipeline.metrics`), TensorBoard event files under
+images/s, validation COCO AP; see `pipeline.train.metrics`), TensorBoard event files under
 `OUTPUT/tensorboard/` and at the end `OUTPUT/model/` (`weights.pt` and `model.json`), which
 `jobs.segment` and `jobs.evaluate` load. Re-running the same command on the
 same OUTPUT resumes from the latest checkpoint, or with a larger `--epochs` trains on from it; a
@@ -21,10 +21,11 @@ on a local Ray of `--num-cpus` CPUs.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
-from jobs.cli import OneLineParser, bounded
+from jobs.cli import OneLineParser, bounded, run_job
 from mrcnn import storage
 from mrcnn.backbone import BACKBONE_WEIGHTS, MAX_TRAINABLE_LAYERS
 from mrcnn.coco import CocoError, read_coco
@@ -32,19 +33,35 @@ from mrcnn.images import ORIENTATIONS
 from mrcnn.model import ROI_OPS
 from mrcnn.precision import PRECISIONS
 from mrcnn.presets import PRESETS
-from mrcnn.weights import WeightsError
-from pipeline.checkpoints import OutputMismatch, RunIdentity, claim_output
-from pipeline.ray_compat import RayCompatError, check_ray_version
-from pipeline.train_job import DEFAULT_LR, REFERENCE_BATCH, TrainJob
-from pipeline.train_output import completed_epochs, is_complete
-from pipeline.trainer import TrainingError, check_backbone_weights, check_init_weights
+from pipeline.cluster.ray_compat import check_ray_version
+from pipeline.train.config import DEFAULT_LR, REFERENCE_BATCH, TrainConfig
+from pipeline.train.job import check_weights, is_finished
+from pipeline.train.run_folder import RunFolder, RunIdentity
 
-DEFAULTS = TrainJob(train_annotations="", train_images="", output="")
+DEFAULTS = TrainConfig(train_annotations="", train_images="", output="")
+# What the job only reads, checked on every node of a cluster when it is a local path.
+READ_PATHS = ("train_annotations", "train_images", "val_annotations", "val_images", "init_weights")
+# The flags that are `TrainConfig` fields of the same name.
+FLAG_FIELDS = (
+    "preset", "num_workers", "use_gpu", "cpus_per_worker", "epochs", "batch_size", "optimizer",
+    "momentum", "weight_decay", "warmup_iters", "lr_schedule", "amp", "roi_op", "mask_loss",
+    "init_weights", "backbone_weights", "trainable_backbone_layers", "checkpoint_every",
+    "validate_every", "log_every", "exif_orientation", "max_failures", "seed", "max_steps",
+    "max_minutes",
+)
 
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    data = parser.add_argument_group("data")
+    _data_flags(parser.add_argument_group("data"))
+    _model_flags(parser.add_argument_group("model"))
+    _worker_flags(parser.add_argument_group("workers"))
+    _optimisation_flags(parser.add_argument_group("optimisation"))
+    _long_run_flags(parser.add_argument_group("long runs"))
+    return parser
+
+
+def _data_flags(data) -> None:
     data.add_argument("--train-annotations", required=True, metavar="URI", help="COCO instances JSON")
     data.add_argument("--train-images", required=True, metavar="URI", help="folder of the training images")
     data.add_argument("--val-annotations", metavar="URI", help="validation COCO JSON (default: none)")
@@ -57,7 +74,8 @@ def build_parser() -> OneLineParser:
         f"(default {DEFAULTS.exif_orientation})",
     )
 
-    model = parser.add_argument_group("model")
+
+def _model_flags(model) -> None:
     model.add_argument(
         "--preset", choices=sorted(PRESETS), default=DEFAULTS.preset,
         help=f"architecture and input size (default {DEFAULTS.preset})",
@@ -89,7 +107,8 @@ def build_parser() -> OneLineParser:
         "BatchNorm frozen, as torchvision (default 3; all 5 train without pretrained weights)",
     )
 
-    scale = parser.add_argument_group("workers")
+
+def _worker_flags(scale) -> None:
     scale.add_argument(
         "--num-workers", type=bounded(int, 1), default=DEFAULTS.num_workers,
         help=f"Ray Train workers, one DDP process each (default {DEFAULTS.num_workers})",
@@ -121,7 +140,8 @@ def build_parser() -> OneLineParser:
         help="CPUs of the local Ray started when RAY_ADDRESS is not set (default: all)",
     )
 
-    optim = parser.add_argument_group("optimisation")
+
+def _optimisation_flags(optim) -> None:
     optim.add_argument(
         "--epochs", type=bounded(int, 1), default=DEFAULTS.epochs,
         help=f"passes over the training set (default {DEFAULTS.epochs})",
@@ -179,7 +199,8 @@ def build_parser() -> OneLineParser:
         help=f"seed of the model's initialisation and RoI sampling (default {DEFAULTS.seed})",
     )
 
-    watch = parser.add_argument_group("long runs")
+
+def _long_run_flags(watch) -> None:
     watch.add_argument(
         "--checkpoint-every", type=bounded(int, 0), default=DEFAULTS.checkpoint_every, metavar="N",
         help="also checkpoint every N optimizer steps, so that a failure mid-epoch loses at most N "
@@ -200,7 +221,6 @@ def build_parser() -> OneLineParser:
         help="also show what Ray and the training workers print (by default it stays in Ray's log "
         "files; the progress lines show either way)",
     )  # fmt: skip
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,122 +229,81 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.val_annotations is None) != (args.val_images is None):
         parser.error("--val-annotations and --val-images go together")
-    try:
-        # Absolute URIs: Ray Train workers run in a folder of their own, not in ours.
-        uris = {
-            name: _absolute(getattr(args, name)) if getattr(args, name) else None
-            for name in ("train_annotations", "train_images", "output", "val_annotations", "val_images")
-        }
-    except storage.StorageError as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
-    job = TrainJob(
-        **uris,
-        preset=args.preset,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr_per_16_images=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_iters=args.warmup_iters,
-        lr_schedule=args.lr_schedule,
-        amp=args.amp,
-        roi_op=args.roi_op,
-        mask_loss=args.mask_loss,
-        init_weights=args.init_weights,
-        backbone_weights=args.backbone_weights,
-        trainable_backbone_layers=args.trainable_backbone_layers,
-        checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every,
-        log_every=args.log_every,
-        exif_orientation=args.exif_orientation,
-        max_failures=args.max_failures,
-        seed=args.seed,
-        resource_timeout_s=args.resource_timeout,
-        max_steps=args.max_steps,
-        max_minutes=args.max_minutes,
-    )
-    if args.trainable_backbone_layers is not None and job.backbone_start == "none" and not job.init_weights:
+    return run_job("train", lambda: train(config_from(args), args, started))
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    """The run's `TrainConfig`, from the flags; every URI absolute (Ray Train workers run in a
+    folder of their own, not in ours)."""
+    uris = {
+        name: _absolute(getattr(args, name)) if getattr(args, name) else None
+        for name in ("train_annotations", "train_images", "output", "val_annotations", "val_images")
+    }
+    flags = {name: getattr(args, name) for name in FLAG_FIELDS}
+    return TrainConfig(**uris, **flags, lr_per_16_images=args.lr, resource_timeout_s=args.resource_timeout)
+
+
+def train(config: TrainConfig, args: argparse.Namespace, started: float) -> int:
+    """Check everything the driver can before Ray starts, then train on a Ray session."""
+    if config.trainable_backbone_layers is not None and not config.pretrained:
         # torchvision's builders warn the same way and train every stage.
         print(
             "train: warning: --trainable-backbone-layers has no effect without pretrained weights; "
             "all 5 stages train",
             file=sys.stderr,
         )
-    try:
-        check_ray_version()
-        train_data, val_data = _read_datasets(job)
-        if job.init_weights:
-            check_init_weights(job, len(train_data.categories) + 1)
-        identity = RunIdentity(job.preset, job.roi_op, job.mask_loss, train_data.categories)
-        resumed = claim_output(job.output, identity)
-        if resumed and is_complete(job, len(train_data.images)):
-            print(
-                f"train: {job.output} is already complete ({completed_epochs(job)} epochs, "
-                f"model in {storage.join(job.output, 'model')}); nothing to do"
-            )
-            return 0
-        if not resumed:
-            check_backbone_weights(job)
-    except (RayCompatError, CocoError, WeightsError, OutputMismatch, storage.StorageError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
+    check_ray_version()
+    train_data, val_data = _read_datasets(config)
+    num_classes = len(train_data.categories) + 1
+    if config.init_weights:
+        check_weights(config, num_classes)
+    folder = RunFolder(config.output)
+    identity = RunIdentity(config.preset, config.roi_op, config.mask_loss, train_data.categories)
+    resumed = folder.claim(identity)
+    num_images = len(train_data.images)
+    if resumed and folder.is_complete(lambda last: is_finished(config, last, num_images)):
+        print(
+            f"train: {config.output} is already complete ({folder.completed_epochs()} epochs, "
+            f"model in {folder.model_uri}); nothing to do"
+        )
+        return 0
+    if not resumed and not config.init_weights:
+        check_weights(config, num_classes)
 
-    from pipeline.placement import InfeasibleRequest
-    from pipeline.ray_runtime import ray_session
-    from pipeline.shared_storage import SharedStorageError, check_local_paths
-    from pipeline.trainer import run_training
+    from pipeline.cluster.session import ray_session
+    from pipeline.cluster.shared_storage import check_local_paths
+    from pipeline.train.job import run_training
 
-    try:
-        with ray_session(num_cpus=args.num_cpus, verbose=args.verbose) as session:
-            marker = None
-            if session.joined_cluster:
-                readable = {
-                    f"--{name.replace('_', '-')}": getattr(job, name)
-                    for name in (
-                        "train_annotations", "train_images", "val_annotations", "val_images", "init_weights"
-                    )
-                }
-                marker = check_local_paths({"--output": job.output}, readable).get("--output")
-            outcome = run_training(
-                job,
-                train_data,
-                val_data,
-                joined_cluster=session.joined_cluster,
-                output_marker=marker,
-                started=started,
-            )
-    except (SharedStorageError, InfeasibleRequest) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingError, storage.StorageError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 1
+    with ray_session(num_cpus=args.num_cpus, verbose=args.verbose) as session:
+        marker = None
+        if session.joined_cluster:
+            readable = {f"--{name.replace('_', '-')}": getattr(config, name) for name in READ_PATHS}
+            marker = check_local_paths({"--output": config.output}, readable).get("--output")
+        outcome = run_training(
+            config, train_data, val_data, joined_cluster=session.joined_cluster, output_marker=marker,
+            started=started,
+        )  # fmt: skip
     print(f"train: {outcome.epochs} epochs; model exported to {outcome.model_uri}")
     return 0
 
 
-def _read_datasets(job: TrainJob):
+def _read_datasets(config: TrainConfig):
     """Read and check the annotations (and that the image folders exist) before any Ray work."""
     # Folders first: a missing one is the error to report, not the reader's warnings before it.
-    for images_root in (job.train_images, job.val_images):
+    for images_root in (config.train_images, config.val_images):
         if images_root and not storage.exists(images_root):
             raise CocoError(f"{images_root}: images folder not found")
-    train_data = read_coco(job.train_annotations, job.train_images)
-    if len(train_data.images) < job.num_workers:
+    train_data = read_coco(config.train_annotations, config.train_images)
+    if len(train_data.images) < config.num_workers:
         raise CocoError(
-            f"{job.train_annotations}: {len(train_data.images)} images for {job.num_workers} workers"
+            f"{config.train_annotations}: {len(train_data.images)} images for {config.num_workers} workers"
         )
     val_data = None
-    if job.val_annotations:
-        val_data = read_coco(job.val_annotations, job.val_images)
+    if config.val_annotations:
+        val_data = read_coco(config.val_annotations, config.val_images)
         if val_data.categories != train_data.categories:
             raise CocoError(
-                f"{job.val_annotations}: categories differ from those of {job.train_annotations}"
+                f"{config.val_annotations}: categories differ from those of {config.train_annotations}"
             )
     return train_data, val_data
 

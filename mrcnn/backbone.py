@@ -26,7 +26,8 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 
 from mrcnn.presets import get_preset
-from mrcnn.weights import WeightsError, hub_cache_path, read_hub_weights
+from mrcnn.torchvision_models import hub_cache_path
+from mrcnn.weights import WeightsError, read_hub_weights
 
 BACKBONE_WEIGHTS: tuple[str, ...] = ("imagenet", "none")
 # torchvision's detection builders: 5 trainable stages at most, 3 by default when pretrained.

@@ -14,3 +14,10 @@ class Category:
 
     id: int
     name: str
+
+
+def category_of(categories: tuple[Category, ...], label: int) -> Category:
+    """The category behind a model's label `label` (1..K, 0 being the background)."""
+    if not 1 <= label <= len(categories):
+        raise ValueError(f"label {label} is not one of the model's 1..{len(categories)}")
+    return categories[label - 1]

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from mrcnn import storage
+from mrcnn import rle, storage
 from mrcnn.categories import Category
+from mrcnn.errors import UserError
 
 logger = logging.getLogger("mrcnn.coco")
 
@@ -33,7 +33,7 @@ EMPTY_MASK = "empty mask (or entirely outside the image)"
 MALFORMED = "malformed bbox or segmentation"
 
 
-class CocoError(Exception):
+class CocoError(UserError):
     """An annotations file that cannot be read or is not a COCO instances file."""
 
 
@@ -72,10 +72,6 @@ class CocoDataset:
     @property
     def category_to_label(self) -> dict[int, int]:
         return {category.id: label for label, category in enumerate(self.categories, start=1)}
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        return {label: category.id for label, category in enumerate(self.categories, start=1)}
 
     def to_records(self) -> list[dict[str, Any]]:
         """Plain rows for a Ray Dataset: image_id, file_name, uri, width, height, and the
@@ -131,25 +127,7 @@ def read_coco(annotations_uri: str, images_root: str) -> CocoDataset:
         raise CocoError(f"{annotations_uri}: 'annotations' is not a list")
 
     category_to_label = {category.id: label for label, category in enumerate(categories, 1)}
-    kept: dict[int, list[dict]] = {image_id: [] for image_id in sizes}
-    skipped: Counter[str] = Counter()
-    for annotation in annotations:
-        if not isinstance(annotation, dict):
-            skipped[MALFORMED] += 1
-            continue
-        image_id = annotation.get("image_id")
-        if not isinstance(image_id, int) or image_id not in sizes:
-            skipped[UNKNOWN_IMAGE] += 1
-            continue
-        height, width = sizes[image_id]
-        prepared = _prepare(annotation, height, width, category_to_label)
-        if isinstance(prepared, str):
-            skipped[prepared] += 1
-        elif mask_utils.area(prepared.rle) == 0:
-            skipped[EMPTY_MASK] += 1
-        else:
-            kept[image_id].append(annotation)
-
+    kept, skipped = _keep_annotations(annotations, sizes, category_to_label)
     if skipped:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
         logger.warning(
@@ -178,6 +156,31 @@ def read_coco(annotations_uri: str, images_root: str) -> CocoDataset:
         ground_truth=ground_truth,
         skipped=dict(skipped),
     )
+
+
+def _keep_annotations(
+    annotations: list, sizes: dict[int, tuple[int, int]], category_to_label: dict[int, int]
+) -> tuple[dict[int, list[dict]], Counter[str]]:
+    """The usable annotations of each image id, and the others counted by the reason they go."""
+    kept: dict[int, list[dict]] = {image_id: [] for image_id in sizes}
+    skipped: Counter[str] = Counter()
+    for annotation in annotations:
+        if not isinstance(annotation, dict):
+            skipped[MALFORMED] += 1
+            continue
+        image_id = annotation.get("image_id")
+        if not isinstance(image_id, int) or image_id not in sizes:
+            skipped[UNKNOWN_IMAGE] += 1
+            continue
+        height, width = sizes[image_id]
+        prepared = _prepare(annotation, height, width, category_to_label)
+        if isinstance(prepared, str):
+            skipped[prepared] += 1
+        elif rle.area(prepared.rle) == 0:
+            skipped[EMPTY_MASK] += 1
+        else:
+            kept[image_id].append(annotation)
+    return kept, skipped
 
 
 def build_target(
@@ -210,7 +213,7 @@ def build_target(
             crowd_boxes.append(prepared.box)
             continue
         try:
-            mask = mask_utils.decode(prepared.rle)
+            mask = rle.decode_rle(prepared.rle)
         except ValueError:  # counts that do not add up to the image: pycocotools refuses them
             continue
         if not mask.any():
@@ -249,19 +252,19 @@ def _prepare(
     label = category_to_label.get(category_id) if isinstance(category_id, int) else None
     if label is None:
         return UNKNOWN_CATEGORY
-    rle = _segmentation_rle(annotation.get("segmentation"), height, width)
-    if isinstance(rle, str):
-        return rle
+    encoded = _segmentation_rle(annotation.get("segmentation"), height, width)
+    if isinstance(encoded, str):
+        return encoded
     bbox = annotation.get("bbox")
     if bbox is None:
-        bbox = mask_utils.toBbox(rle).tolist()
+        bbox = rle.to_bbox(encoded)
     if not (isinstance(bbox, Sequence) and len(bbox) == 4 and all(map(_is_finite, bbox))):
         return MALFORMED
     x, y, w, h = (float(value) for value in bbox)
     box = (max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height)))
     if box[2] <= box[0] or box[3] <= box[1]:
         return EMPTY_BOX
-    return _Prepared(box=box, label=label, iscrowd=bool(annotation.get("iscrowd", 0)), rle=rle)
+    return _Prepared(box=box, label=label, iscrowd=bool(annotation.get("iscrowd", 0)), rle=encoded)
 
 
 def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict | str:
@@ -281,7 +284,7 @@ def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict | str:
                 parts.append(coordinates)
         if not parts:
             return SHORT_POLYGON
-        return mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
+        return rle.polygons_to_rle(parts, height, width)
     if not isinstance(segmentation, dict) or list(segmentation.get("size", ())) != [height, width]:
         return MALFORMED
     counts = segmentation.get("counts")
@@ -289,7 +292,7 @@ def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict | str:
         valid = all(isinstance(count, int) and count >= 0 for count in counts)
         if not valid or sum(counts) != height * width:
             return MALFORMED
-        return mask_utils.frPyObjects(segmentation, height, width)
+        return rle.uncompressed_to_rle(segmentation, height, width)
     if isinstance(counts, str | bytes):
         return {"size": [height, width], "counts": counts}
     return MALFORMED

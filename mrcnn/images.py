@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from mrcnn.errors import one_line
+from mrcnn.errors import UserError, one_line
 
 ORIENTATIONS: tuple[str, ...] = ("stored", "apply")
 """EXIF orientation: keep the stored pixel order, or apply the tag (the image as displayed)."""
@@ -32,7 +32,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError):
     """Bytes that are not a usable image: empty, unknown format, corrupt, truncated or too large."""
 
 

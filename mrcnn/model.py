@@ -95,25 +95,7 @@ class MaskRCNN(TorchvisionMaskRCNN):
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and at least one class, got {num_classes}")
 
-        v2 = preset.heads == "v2"
-        norm = nn.BatchNorm2d if v2 else None
-        backbone = _resnet_fpn(preset, norm)
-        channels = backbone.out_channels
-        anchors = Float32AnchorGenerator(
-            sizes=tuple((size,) for size in preset.anchor_sizes),
-            aspect_ratios=((0.5, 1.0, 2.0),) * len(preset.anchor_sizes),
-        )
-        rpn_head = RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1)
-        if v2:
-            box_head = FastRCNNConvFCHead(
-                (channels, BOX_ROI_SIZE, BOX_ROI_SIZE),
-                list(preset.box_head_channels),
-                [preset.box_representation],
-                norm_layer=nn.BatchNorm2d,
-            )
-        else:
-            box_head = TwoMLPHead(channels * BOX_ROI_SIZE**2, preset.box_representation)
-        mask_head = MaskRCNNHeads(channels, list(preset.mask_head_channels), 1, norm_layer=norm)
+        backbone, anchors, rpn_head, box_head, mask_head = _parts(preset)
         mask_width = preset.mask_head_channels[-1]
 
         super().__init__(
@@ -148,17 +130,20 @@ class MaskRCNN(TorchvisionMaskRCNN):
             batch_size_per_image=preset.box_batch_size_per_image,
             detections_per_img=preset.detections_per_image,
         )
-        # Pixel coordinates stay float32 under autocast (mrcnn.precision); state_dict unchanged.
-        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
-        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
-        self.rpn.head.bbox_pred = in_float32(self.rpn.head.bbox_pred)
-        predictor = self.roi_heads.box_predictor
-        predictor.bbox_pred = in_float32(predictor.bbox_pred)
+        self._keep_coordinates_in_float32()
         self.transform = DetectionTransform(preset.min_size, preset.max_size, IMAGENET_MEAN, IMAGENET_STD)
         self.preset = preset
         self.num_classes = num_classes
         self.roi_op = roi_op
         self.mask_loss = mask_loss
+
+    def _keep_coordinates_in_float32(self) -> None:
+        """Pixel coordinates stay float32 under autocast (`mrcnn.precision`); state_dict unchanged."""
+        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
+        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
+        self.rpn.head.bbox_pred = in_float32(self.rpn.head.bbox_pred)
+        predictor = self.roi_heads.box_predictor
+        predictor.bbox_pred = in_float32(predictor.bbox_pred)
 
     @property
     def paste_masks(self) -> bool:
@@ -188,6 +173,31 @@ def build_model(
 ) -> MaskRCNN:
     """A randomly initialised Mask R-CNN; see `MaskRCNN` for the arguments and `mrcnn.presets`."""
     return MaskRCNN(get_preset(preset), num_classes, roi_op=roi_op, mask_loss=mask_loss)
+
+
+def _parts(preset: Preset):
+    """(backbone, anchor generator, RPN head, box head, mask head) of `preset`: torchvision's v1 or
+    v2 heads (v2: convolutional box head, two RPN convolutions, BatchNorm in the FPN and heads)."""
+    v2 = preset.heads == "v2"
+    norm = nn.BatchNorm2d if v2 else None
+    backbone = _resnet_fpn(preset, norm)
+    channels = backbone.out_channels
+    anchors = Float32AnchorGenerator(
+        sizes=tuple((size,) for size in preset.anchor_sizes),
+        aspect_ratios=((0.5, 1.0, 2.0),) * len(preset.anchor_sizes),
+    )
+    rpn_head = RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1)
+    if v2:
+        box_head = FastRCNNConvFCHead(
+            (channels, BOX_ROI_SIZE, BOX_ROI_SIZE),
+            list(preset.box_head_channels),
+            [preset.box_representation],
+            norm_layer=nn.BatchNorm2d,
+        )
+    else:
+        box_head = TwoMLPHead(channels * BOX_ROI_SIZE**2, preset.box_representation)
+    mask_head = MaskRCNNHeads(channels, list(preset.mask_head_channels), 1, norm_layer=norm)
+    return backbone, anchors, rpn_head, box_head, mask_head
 
 
 def _resnet_fpn(preset: Preset, norm: type[nn.Module] | None) -> BackboneWithFPN:

@@ -20,12 +20,11 @@ import uuid
 import torch
 from torch import nn
 
-from mrcnn import storage
+from mrcnn import storage, torchvision_models
 from mrcnn.categories import Category
 from mrcnn.model import MaskRCNN, build_model
 from mrcnn.model_spec import (
     SPEC_FILE,
-    TORCHVISION_PREFIX,
     WEIGHTS_FILE,
     ModelError,
     ModelSpec,
@@ -71,16 +70,21 @@ def save_model_folder(model: nn.Module, spec: ModelSpec, uri: str) -> None:
             shutil.rmtree(staging)
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[MaskRCNN, ModelSpec]:
-    """The model in a folder (local or `s3://`) or torchvision's COCO model by name, in eval mode."""
-    spec = load_spec(uri)
+def load_model(
+    uri: str, device: str | torch.device = "cpu", spec: ModelSpec | None = None
+) -> tuple[MaskRCNN, ModelSpec]:
+    """The model in a folder (local or `s3://`) or torchvision's COCO model by name, in eval mode.
+
+    `spec`: the folder's `model.json` when the caller has read it already (None: read here).
+    """
+    spec = spec or load_spec(uri)
     try:
         model = build_model(spec.preset, spec.num_classes, roi_op=spec.roi_op, mask_loss=spec.mask_loss)
     except ValueError as error:
         raise ModelError(f"{uri}: {error}") from error
     model.transform.min_size = (spec.min_size,)
     model.transform.max_size = spec.max_size
-    weights_uri = uri if uri.startswith(TORCHVISION_PREFIX) else storage.join(uri, WEIGHTS_FILE)
+    weights_uri = uri if torchvision_models.is_torchvision(uri) else storage.join(uri, WEIGHTS_FILE)
     try:
         load_weights(model, weights_uri)
     except WeightsError as error:

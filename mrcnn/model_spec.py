@@ -1,10 +1,10 @@
 """What a model folder's `model.json` says (`ModelSpec`), read without torch.
 
-`load_spec` runs in the driver of every job to check `--model` before Ray starts and to size the
-decode stage; nothing here imports torch or torchvision (their import costs a job's driver about
-3 s of start-up, BENCHMARKS.md "Start-up of the whole command and one actor per core"), except
-for a `torchvision:` name, whose categories torchvision holds. Loading and saving the weights is
-`mrcnn.model_folder`.
+`load_spec` runs once in the driver of every job, which checks `--model` before Ray starts and
+hands the spec on to its stages; nothing here imports torch or torchvision (their import costs a
+job's driver about 3 s of start-up, BENCHMARKS.md "Start-up of the whole command and one actor
+per core"), except for a `torchvision:` name, whose categories torchvision holds
+(`mrcnn.torchvision_models`). Loading and saving the weights is `mrcnn.model_folder`.
 """
 
 from __future__ import annotations
@@ -12,23 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from mrcnn import storage
+from mrcnn import storage, torchvision_models
 from mrcnn.categories import Category
+from mrcnn.errors import UserError
 from mrcnn.presets import get_preset
-
-TORCHVISION_PREFIX = "torchvision:"
-
-# The torchvision builders whose COCO weights fit our presets, and the preset each one matches.
-TORCHVISION_PRESETS: dict[str, str] = {
-    "maskrcnn_resnet50_fpn": "r50-fpn",
-    "maskrcnn_resnet50_fpn_v2": "r50-fpn-v2",
-}
 
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model folder that is missing, incomplete or inconsistent; the message is one line."""
 
 
@@ -70,15 +63,11 @@ class ModelSpec:
             )
         return spec
 
-    def category_of(self, label: int) -> Category:
-        """The category behind the model's label (1..num_classes-1)."""
-        return self.categories[label - 1]
-
 
 def load_spec(uri: str) -> ModelSpec:
     """The `ModelSpec` of a model folder or a `torchvision:<builder>` name."""
-    if uri.startswith(TORCHVISION_PREFIX):
-        return _torchvision_spec(uri[len(TORCHVISION_PREFIX) :])
+    if torchvision_models.is_torchvision(uri):
+        return _torchvision_spec(torchvision_models.builder_of(uri))
     spec_uri = storage.join(uri, SPEC_FILE)
     try:
         text = storage.read_bytes(spec_uri).decode()
@@ -92,17 +81,11 @@ def load_spec(uri: str) -> ModelSpec:
 def _torchvision_spec(builder: str) -> ModelSpec:
     """torchvision's COCO models predict the COCO category id itself as the label (91 classes,
     "N/A" for the ids COCO left unused), so category i is simply label i."""
-    # torchvision (3 s of imports) only for the model that needs it: load_spec stays torch-free.
-    from mrcnn.weights import WeightsError, torchvision_categories
-
     try:
-        preset = TORCHVISION_PRESETS[builder]
-        names = torchvision_categories(builder)
-    except (KeyError, WeightsError) as error:
-        raise ModelError(
-            f"{TORCHVISION_PREFIX}{builder}: unknown torchvision model "
-            f"(choose from {', '.join(TORCHVISION_PREFIX + name for name in TORCHVISION_PRESETS)})"
-        ) from error
+        names = torchvision_models.categories(builder)
+    except torchvision_models.UnknownTorchvisionModel as error:
+        raise ModelError(str(error)) from error
+    preset = torchvision_models.PRESETS[builder]
     sizes = get_preset(preset)
     return ModelSpec(
         preset=preset,

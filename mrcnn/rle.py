@@ -1,4 +1,10 @@
-"""Turn per-RoI mask probabilities into COCO compressed RLE at image resolution, box by box.
+"""COCO run-length encoding (RLE): every encode and decode of a mask in the project, and the
+pasting of per-RoI mask probabilities into image-resolution RLE, box by box.
+
+The plain conversions wrap `pycocotools.mask` (which nothing else imports): binary masks to and
+from compressed RLE `counts` (`encode_mask`, `encode_masks`, `rle_to_mask`, `decode_masks`), COCO
+polygons and uncompressed RLE to compressed RLE (`polygons_to_rle`, `uncompressed_to_rle`), and an
+RLE's area and box (`area`, `to_bbox`).
 
 `masks_to_rle` gives, byte for byte, what torchvision's `paste_masks_in_image` followed by a
 threshold and `pycocotools.mask.encode` give, without ever building an `H x W` mask: each mask is
@@ -10,10 +16,16 @@ column, a zero run between consecutive crop columns, and one after the last.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_util
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that use it: the COCO reader and the shapes generator
+# (`mrcnn.coco`, `mrcnn.shapes`) encode and decode RLE here in processes that never load torch.
 
 # torchvision pastes masks with one pixel of zero padding around the M x M grid (and the box grown
 # by the same factor), so that the mask falls off smoothly at the box border.
@@ -24,6 +36,8 @@ def expand_boxes(boxes: torch.Tensor, scale: float) -> torch.Tensor:
     """float[N, 4] boxes grown about their centres by `scale`: torchvision's eager `expand_boxes`,
     operation for operation (so the pasted pixels match), kept here so that the CPU tasks that
     encode masks import torch but not torchvision."""
+    import torch
+
     w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5
     h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5
     x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
@@ -33,7 +47,6 @@ def expand_boxes(boxes: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
 
 
-@torch.no_grad()
 def masks_to_rle(
     mask_probs: torch.Tensor,
     boxes: torch.Tensor,
@@ -64,6 +77,16 @@ def masks_to_rle(
         raise ValueError(f"masks_to_rle: {mask_probs.shape[0]} masks but {boxes.shape[0]} boxes")
     if mask_probs.shape[0] == 0:
         return []
+    import torch
+
+    with torch.no_grad():
+        return _paste_and_encode(mask_probs, boxes, height, width, threshold)
+
+
+def _paste_and_encode(mask_probs, boxes, height: int, width: int, threshold: float) -> list[bytes]:
+    import torch
+    import torch.nn.functional as F
+
     # The scale and padding of torchvision's `expand_masks`, applied mask by mask below: ops on all N
     # masks at once are big enough for torch to run them on several threads, which for work this
     # small costs more than it saves, and far more on a busy machine.
@@ -141,3 +164,55 @@ def rle_to_mask(counts: bytes | str, height: int, width: int) -> np.ndarray:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return mask_util.decode({"size": [height, width], "counts": counts})
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """The COCO compressed RLE `{"size": [H, W], "counts": bytes}` of a uint8[H, W] 0/1 mask."""
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """The compressed RLE `counts` of a uint8[H, W] 0/1 mask."""
+    return encode_rle(mask)["counts"]
+
+
+def encode_masks(masks: np.ndarray) -> list[bytes]:
+    """The compressed RLE `counts` of each mask of `masks` uint8[N, H, W] (N may be 0)."""
+    if len(masks) == 0:
+        return []
+    encoded = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False)))
+    return [rle["counts"] for rle in encoded]
+
+
+def decode_masks(counts: list[bytes] | np.ndarray, height: int, width: int) -> np.ndarray:
+    """The masks of `encode_masks` back as uint8[N, H, W] (N may be 0)."""
+    if len(counts) == 0:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    rles = [{"size": [height, width], "counts": bytes(c)} for c in counts]
+    return np.ascontiguousarray(mask_util.decode(rles).transpose(2, 0, 1))  # from uint8[H, W, N]
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """The uint8[H, W] mask of a compressed RLE dict; `ValueError` when its counts do not add up
+    to its size."""
+    return mask_util.decode(rle)
+
+
+def polygons_to_rle(polygons: list[np.ndarray], height: int, width: int) -> dict:
+    """One compressed RLE of the union of COCO polygons (each [x1, y1, x2, y2, ...] in pixels)."""
+    return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+
+
+def uncompressed_to_rle(segmentation: dict, height: int, width: int) -> dict:
+    """The compressed RLE of a COCO uncompressed RLE (`counts` a list of run lengths)."""
+    return mask_util.frPyObjects(segmentation, height, width)
+
+
+def area(rle: dict) -> int:
+    """Pixels in the mask of a compressed RLE."""
+    return int(mask_util.area(rle))
+
+
+def to_bbox(rle: dict) -> list[float]:
+    """The COCO box [x, y, width, height] of a compressed RLE's mask."""
+    return [float(value) for value in mask_util.toBbox(rle)]

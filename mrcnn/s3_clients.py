@@ -20,9 +20,11 @@ endpoint, `AWS_REGION` / `AWS_DEFAULT_REGION` is taken as it is when set (that s
 in full), and the bucket's region is looked up otherwise. When no region comes back (a missing
 bucket), the configured region or `us-east-1` is used, and asked again next time.
 
-Retries (`mrcnn.s3_retry`): the native filesystem's AWS SDK retries what it recognises up to
-`MRCNN_S3_MAX_ATTEMPTS` times per request; the boto3 client retries nothing itself, since
-`mrcnn.s3_retry.call` retries each of its requests by the same bound.
+Retries: the native filesystem's AWS SDK retries what it recognises up to `MRCNN_S3_MAX_ATTEMPTS`
+times per request; the boto3 client retries nothing itself: `call` retries each request made with
+it, by the same bound, with exponential backoff and full jitter (AWS's recommendation), whatever
+`is_transient` says means "later": throttling, 5xx, dropped connections, and the one error the SDK
+misreports (`mrcnn.s3_retry` says which).
 
 `MRCNN_S3_TRACE=<file>`: every process appends one JSON line to that file per S3 client it builds
 (pid, kind, endpoint, region) and per request it retries (kind "retry"), to check on a live job
@@ -34,11 +36,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import threading
+import time
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from mrcnn.errors import UserError
 
 S3_MAX_ATTEMPTS_ENV = "MRCNN_S3_MAX_ATTEMPTS"
 DEFAULT_S3_MAX_ATTEMPTS = 10
@@ -66,9 +73,10 @@ S3_ENVIRONMENT = (
 )
 # Clients kept per process; the oldest is dropped beyond it (environments rarely change).
 MAX_CACHED_CLIENTS = 16
+T = TypeVar("T")
 
 
-class S3SettingError(ValueError):
+class S3SettingError(UserError):
     """An S3 setting of the environment that is not valid (one line, naming the variable)."""
 
 
@@ -81,7 +89,6 @@ class _Clients:
         self.boto3: dict[tuple[str, str], object] = {}
         self.wrappers: dict[tuple[str, str], object] = {}
         self.regions: dict[tuple[str, str], str] = {}
-        self.created = {"pyarrow": 0, "boto3": 0}
 
 
 _clients = _Clients()
@@ -97,12 +104,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def s3_clients_created() -> dict[str, int]:
-    """How many S3 clients this process has built: `{"pyarrow": filesystems, "boto3": clients}`."""
-    with _clients.lock:
-        return dict(_clients.created)
 
 
 def max_attempts() -> int:
@@ -140,6 +141,60 @@ def trace(kind: str, **fields) -> None:
         os.close(descriptor)
 
 
+# Backoff before attempt n+1: uniform in [0, min(CAP, BASE * 2^(n-1))] seconds ("full jitter").
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 20.0
+# What the AWS SDK reports, as not retryable, when an error body overflowed a ranged read's buffer.
+SDK_MISREPORTED_THROTTLE = "Failed to flush response stream"
+# S3's answers that mean "later", by error code and by HTTP status.
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+        "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
+    }
+)  # fmt: skip
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` of an S3 request means "try again later" (see the module docstring)."""
+    import botocore.exceptions
+
+    if isinstance(error, botocore.exceptions.ClientError):
+        details = error.response.get("Error", {})
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return details.get("Code") in TRANSIENT_CODES or status in TRANSIENT_STATUSES
+    if isinstance(
+        error,
+        botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ConnectionError
+        | botocore.exceptions.ResponseStreamingError
+        | botocore.exceptions.IncompleteReadError,
+    ):
+        return True
+    # The SDK inside pyarrow retried everything else it could already.
+    return isinstance(error, OSError) and SDK_MISREPORTED_THROTTLE in str(error)
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based) before the next one."""
+    return random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+def call(operation: Callable[[], T], uri: str) -> T:
+    """`operation()` (one S3 request on `uri`), retried while it fails transiently, at most
+    `MRCNN_S3_MAX_ATTEMPTS` attempts; the last error is raised as it is."""
+    attempts = max_attempts()
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as error:
+            if attempt == attempts or not is_transient(error):
+                raise
+            trace("retry", uri=uri, attempt=attempt, error=type(error).__name__)
+            time.sleep(backoff_s(attempt))
+    raise AssertionError("unreachable")
+
+
 def _environment() -> str:
     text = "\0".join(f"{name}={os.environ.get(name, '')}" for name in S3_ENVIRONMENT)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -153,7 +208,6 @@ def _cached(cache: dict, region: str, kind: str, build: Callable[[], object]):
         client = cache.get(key)
         if client is None:
             client = cache[key] = build()
-            _clients.created[kind] += 1
             if len(cache) > MAX_CACHED_CLIENTS:
                 del cache[next(iter(cache))]
             trace(kind, region=region)
@@ -193,7 +247,7 @@ def cached_wrapper(region: str, build: Callable[[], object]):
 def boto3_client(region: str):
     """This process's boto3 S3 client for `region` (thread-safe once built, unlike its session).
 
-    botocore's own retries are off: `mrcnn.s3_retry.call` retries every request it makes.
+    botocore's own retries are off: `call` retries every request made with it.
     """
 
     def build():
@@ -230,8 +284,6 @@ def bucket_region(bucket: str) -> str:
 def _lookup_region(bucket: str, signing_region: str) -> str | None:
     """`x-amz-bucket-region` of a HeadBucket; S3 sends it on errors too (403, a wrong region)."""
     import botocore.exceptions
-
-    from mrcnn.s3_retry import call
 
     client = boto3_client(signing_region)
     try:

@@ -1,10 +1,10 @@
-"""S3 through throttling: which failures are transient, how they are retried, and the filesystem
-every `s3://` path resolves to.
+"""S3 reads and writes that ride through throttling: the filesystem every `s3://` path resolves
+to, whole-object GETs and PUTs, and listing page by page.
 
 At millions of objects S3 throttles (`503 SlowDown`, 429) and drops connections. Every S3 request
-of the project is retried with exponential backoff and full jitter (AWS's recommendation), at
-most `MRCNN_S3_MAX_ATTEMPTS` attempts per request (`mrcnn.s3_clients.max_attempts`); only what
-still fails after that fails the run, with one line, and a re-run resumes.
+of the project is retried with exponential backoff and full jitter, at most
+`MRCNN_S3_MAX_ATTEMPTS` attempts per request (`mrcnn.s3_clients.call`); only what still fails
+after that fails the run, with one line, and a re-run resumes.
 
 - The AWS SDK inside pyarrow retries what it recognises (503, 429, 5xx, resets) itself, per
   request (`AwsStandardS3RetryStrategy`).
@@ -16,11 +16,12 @@ still fails after that fails the run, with one line, and a re-run resumes.
   no read asks S3 for a small range: objects up to `WHOLE_OBJECT_BYTES` are read whole, with one
   GET without a `Range` (boto3), and a read of fewer than `MIN_RANGE_BYTES` of a larger object
   fetches a window of that many bytes around it, which any error document fits; the error, should
-  it come anyway, is retried here, per read.
+  it come anyway, is retried per read (`mrcnn.s3_clients.is_transient` knows it).
 - boto3 (whole-object GETs and PUTs, listing pages, the region lookup) retries nothing itself
   (botocore's standard mode stops retrying once its client-wide retry quota runs dry, which a long
-  job under throttling reaches; and it never retries the read of a response body): `call` retries
-  its throttling, 5xx and connection errors, the body's read included.
+  job under throttling reaches; and it never retries the read of a response body):
+  `mrcnn.s3_clients.call` retries its throttling, 5xx and connection errors, the body's read
+  included.
 
 `S3Files` is the pyarrow filesystem (a `PyFileSystem` handler) that `mrcnn.storage.resolve` gives
 for S3: everything, pyarrow's Parquet readers and Ray Train's checkpoints included, reads and
@@ -30,9 +31,6 @@ writes S3 through it, and so through the rules above. It wraps this process's on
 
 from __future__ import annotations
 
-import random
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -40,6 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mrcnn import s3_clients
+from mrcnn.s3_clients import call
 
 T = TypeVar("T")
 
@@ -48,72 +47,6 @@ T = TypeVar("T")
 WHOLE_OBJECT_BYTES = 8 << 20
 # No ranged GET of a larger object asks for fewer bytes than this.
 MIN_RANGE_BYTES = 64 << 10
-# Backoff before attempt n+1: uniform in [0, min(CAP, BASE * 2^(n-1))] seconds ("full jitter").
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 20.0
-# What the AWS SDK reports, as not retryable, when an error body overflowed a ranged read's buffer.
-SDK_MISREPORTED_THROTTLE = "Failed to flush response stream"
-# S3's answers that mean "later", by error code and by HTTP status.
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-        "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
-    }
-)  # fmt: skip
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
-
-_retries = 0
-_retries_lock = threading.Lock()
-
-
-def retries_done() -> int:
-    """How many S3 requests this process has retried."""
-    return _retries
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether `error` of an S3 request means "try again later" (see the module docstring)."""
-    import botocore.exceptions
-
-    if isinstance(error, botocore.exceptions.ClientError):
-        details = error.response.get("Error", {})
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return details.get("Code") in TRANSIENT_CODES or status in TRANSIENT_STATUSES
-    if isinstance(
-        error,
-        botocore.exceptions.HTTPClientError
-        | botocore.exceptions.ConnectionError
-        | botocore.exceptions.ResponseStreamingError
-        | botocore.exceptions.IncompleteReadError,
-    ):
-        return True
-    # The SDK inside pyarrow retried everything else it could already.
-    return isinstance(error, OSError) and SDK_MISREPORTED_THROTTLE in str(error)
-
-
-def backoff_s(attempt: int) -> float:
-    """Seconds to wait after failed attempt `attempt` (1-based) before the next one."""
-    return random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-
-
-def call(operation: Callable[[], T], uri: str) -> T:
-    """`operation()` (one S3 request on `uri`), retried while it fails transiently, at most
-    `MRCNN_S3_MAX_ATTEMPTS` attempts; the last error is raised as it is."""
-    global _retries
-    attempts = s3_clients.max_attempts()
-    for attempt in range(1, attempts + 1):
-        try:
-            return operation()
-        except Exception as error:
-            if attempt == attempts or not is_transient(error):
-                raise
-            with _retries_lock:
-                _retries += 1
-            s3_clients.trace("retry", uri=uri, attempt=attempt, error=type(error).__name__)
-            time.sleep(backoff_s(attempt))
-    raise AssertionError("unreachable")
-
-
 def split(path: str) -> tuple[str, str]:
     """`bucket/key` -> (bucket, key)."""
     bucket, _, key = path.partition("/")

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
-from mrcnn import storage
+from mrcnn import rle, storage
 from mrcnn.categories import Category
 
 CATEGORIES = (
@@ -49,6 +48,15 @@ class GeneratedShapes:
     num_annotations: int
 
 
+ANNOTATIONS_FILE = "annotations.json"
+IMAGES_DIR = "images"
+
+
+def dataset_uris(out_uri: str) -> tuple[str, str]:
+    """(annotations file, images folder) of the shapes dataset at `out_uri`."""
+    return storage.join(out_uri, ANNOTATIONS_FILE), storage.join(out_uri, IMAGES_DIR)
+
+
 def generate_shapes(out_uri: str, num_images: int, seed: int = 0, size: int = 128) -> GeneratedShapes:
     """Write `out_uri/annotations.json` and `out_uri/images/NNNNNN.png` (size x size RGB).
 
@@ -61,7 +69,7 @@ def generate_shapes(out_uri: str, num_images: int, seed: int = 0, size: int = 12
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
-    images_root = storage.join(out_uri, "images")
+    annotations_uri, images_root = dataset_uris(out_uri)
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
@@ -70,15 +78,15 @@ def generate_shapes(out_uri: str, num_images: int, seed: int = 0, size: int = 12
         storage.write_bytes(storage.join(images_root, file_name), _png(pixels))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for mask, category in zip(masks, categories, strict=True):
-            rle = mask_utils.encode(np.asfortranarray(mask))
+            encoded = rle.encode_rle(mask)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": category.id,
-                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-                    "area": int(mask_utils.area(rle)),
-                    "bbox": [float(value) for value in mask_utils.toBbox(rle)],
+                    "segmentation": {"size": [size, size], "counts": encoded["counts"].decode("ascii")},
+                    "area": rle.area(encoded),
+                    "bbox": rle.to_bbox(encoded),
                     "iscrowd": 0,
                 }
             )
@@ -90,7 +98,7 @@ def generate_shapes(out_uri: str, num_images: int, seed: int = 0, size: int = 12
             {"id": category.id, "name": category.name, "supercategory": "shape"} for category in CATEGORIES
         ],
     }
-    annotations_uri = storage.join(out_uri, "annotations.json")
+
     storage.write_bytes(annotations_uri, json.dumps(ground_truth).encode())
     return GeneratedShapes(annotations_uri, images_root, num_images, len(annotations))
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from mrcnn import s3_clients, s3_retry
-from mrcnn.errors import one_line
+from mrcnn.errors import RunError, UserError, one_line
 
 # A single PUT holds at most 5 GiB; larger objects go up in parts.
 MAX_SINGLE_PUT_BYTES = 5 << 30
@@ -37,12 +37,16 @@ _MISSING = {
 }
 
 
-class StorageError(Exception):
-    """A URI that cannot be read or written (missing object, bad scheme, no permission, a store
-    that keeps failing after its retries)."""
+class StorageError(RunError):
+    """A URI that cannot be read or written: a store that keeps failing after its retries (a
+    re-run resumes), or, as the subclasses below, a URI the user got wrong."""
 
 
-class ObjectMissing(StorageError):
+class BadUri(StorageError, UserError):
+    """A URI this project cannot use: an unsupported scheme, an S3 URI without a bucket."""
+
+
+class ObjectMissing(StorageError, UserError):
     """An object that is not there to read: missing, a folder, or forbidden; `reason` says which."""
 
     def __init__(self, message: str, reason: str) -> None:
@@ -54,16 +58,6 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def s3_clients_created() -> dict[str, int]:
-    """How many S3 clients this process has built (`mrcnn.s3_clients.s3_clients_created`)."""
-    return s3_clients.s3_clients_created()
-
-
-def bucket_region(bucket: str) -> str:
-    """The region the requests to `bucket` are signed for (`mrcnn.s3_clients.bucket_region`)."""
-    return s3_clients.bucket_region(bucket)
-
-
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return `(filesystem, path)` for a URI; local paths become absolute.
 
@@ -72,20 +66,17 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         path = uri[len("s3://") :].rstrip("/")
         if not path:
-            raise StorageError(f"{uri}: an S3 URI needs a bucket")
+            raise BadUri(f"{uri}: an S3 URI needs a bucket")
         return s3_retry.filesystem(_region_of(path)), path
     if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{uri}: unsupported scheme (use a local path or s3://)")
+        raise BadUri(f"{uri}: unsupported scheme (use a local path or s3://)")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def _region_of(path: str) -> str:
-    """The region of the bucket of `bucket/key`; a setting that is not valid is a `StorageError`."""
-    try:
-        return s3_clients.bucket_region(path.partition("/")[0])
-    except s3_clients.S3SettingError as error:
-        raise StorageError(str(error)) from error
+    """The region of the bucket of `bucket/key`."""
+    return s3_clients.bucket_region(path.partition("/")[0])
 
 
 def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
@@ -119,9 +110,9 @@ def read_bytes(uri: str) -> bytes:
     except tuple(_MISSING) as error:
         reason = next(text for kind, text in _MISSING.items() if isinstance(error, kind))
         raise ObjectMissing(f"{uri}: cannot read ({reason})", reason) from error
-    except OSError as error:
-        raise StorageError(f"{uri}: cannot read ({one_line(error)})") from error
-    except Exception as error:  # botocore's errors after the retries
+    except UserError:
+        raise
+    except Exception as error:  # OSError, or botocore's errors after the retries
         raise StorageError(f"{uri}: cannot read ({one_line(error)})") from error
 
 
@@ -157,6 +148,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         with open(temporary, "wb") as file:
             file.write(data)
         os.replace(temporary, path)
+    except UserError:
+        raise
     except Exception as error:  # OSError, or botocore's errors after the retries
         raise StorageError(f"{uri}: cannot write ({one_line(error)})") from error
 
@@ -176,7 +169,7 @@ def iter_files(uri: str) -> Iterator[str]:
         return
     _, root = resolve(uri)
     if not os.path.isdir(root):
-        raise StorageError(f"{uri}: not a folder")
+        raise ObjectMissing(f"{uri}: not a folder", "not a folder")
     yield from _iter_local_files(root)
 
 
@@ -193,13 +186,13 @@ def _iter_local_files(folder: str) -> Iterator[str]:
 def _iter_s3_files(uri: str) -> Iterator[str]:
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
-        raise StorageError(f"{uri}: an S3 URI needs a bucket")
+        raise BadUri(f"{uri}: an S3 URI needs a bucket")
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     try:
         for key in s3_retry.list_keys(_region_of(bucket), bucket, prefix):
             if not key.endswith("/"):
                 yield f"s3://{bucket}/{key}"
-    except StorageError:
+    except (StorageError, UserError):
         raise
     except Exception as error:  # botocore's errors after the retries
         raise StorageError(f"{uri}: cannot list ({one_line(error)})") from error

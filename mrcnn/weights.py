@@ -13,13 +13,14 @@ import pickle
 
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum, get_model_weights
+from torchvision.models import WeightsEnum
 
-from mrcnn import storage
-from mrcnn.model_spec import TORCHVISION_PREFIX, TORCHVISION_PRESETS
+from mrcnn import storage, torchvision_models
+from mrcnn.errors import UserError, one_line
+from mrcnn.torchvision_models import hub_cache_path
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Weights that cannot be found, read, trusted or fitted to the model; the message is one line."""
 
 
@@ -28,8 +29,8 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
     A file holding `{"model": state_dict, ...}` (a training checkpoint) is accepted too.
     """
-    if uri.startswith(TORCHVISION_PREFIX):
-        return _torchvision_state_dict(uri[len(TORCHVISION_PREFIX) :])
+    if torchvision_models.is_torchvision(uri):
+        return _torchvision_state_dict(torchvision_models.builder_of(uri))
     try:
         data = storage.read_bytes(uri)
     except storage.StorageError as error:
@@ -52,11 +53,6 @@ def load_weights(model: nn.Module, uri: str) -> nn.Module:
     return model
 
 
-def torchvision_categories(builder: str) -> list[str]:
-    """Names of the classes of torchvision's COCO weights for `builder`, index = label."""
-    return list(_torchvision_weights(builder).meta["categories"])
-
-
 def _load_trusted(stream: io.BytesIO, uri: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(stream, map_location="cpu", weights_only=True)
@@ -66,26 +62,12 @@ def _load_trusted(stream: io.BytesIO, uri: str) -> dict[str, torch.Tensor]:
             f"(save a plain state_dict with torch.save(model.state_dict(), path))"
         ) from error
     except (RuntimeError, EOFError, ValueError) as error:
-        raise WeightsError(f"{uri}: not a torch checkpoint ({_first_line(error)})") from error
+        raise WeightsError(f"{uri}: not a torch checkpoint ({one_line(error, limit=300)})") from error
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"{uri}: not a state_dict (expected a mapping of names to tensors)")
     return loaded
-
-
-def _torchvision_weights(builder: str):
-    if builder not in TORCHVISION_PRESETS:
-        raise WeightsError(
-            f"{TORCHVISION_PREFIX}{builder}: unknown torchvision model "
-            f"(choose from {', '.join(TORCHVISION_PREFIX + name for name in TORCHVISION_PRESETS)})"
-        )
-    return get_model_weights(builder).DEFAULT
-
-
-def torchvision_cache_path(builder: str) -> str:
-    """Where the torch hub cache keeps torchvision's COCO weights for `builder` (it may not exist)."""
-    return hub_cache_path(_torchvision_weights(builder))
 
 
 def ensure_torchvision_weights(builder: str) -> str:
@@ -94,18 +76,10 @@ def ensure_torchvision_weights(builder: str) -> str:
     For a driver to check up front what every inference actor will load; raises `WeightsError`
     (one line naming the file) where the file is neither cached nor downloadable.
     """
-    path = torchvision_cache_path(builder)
+    path = torchvision_models.cache_path(builder)
     if not os.path.exists(path):
         _torchvision_state_dict(builder)
     return path
-
-
-def hub_cache_path(weights: WeightsEnum) -> str:
-    """Where the torch hub cache keeps the file of torchvision `weights` (it may not exist).
-
-    `$TORCH_HOME/hub/checkpoints/<file name of the weights' URL>`, as `torch.hub` names it.
-    """
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
 def read_hub_weights(weights: WeightsEnum, name: str, alternative: str) -> dict[str, torch.Tensor]:
@@ -125,15 +99,20 @@ def read_hub_weights(weights: WeightsEnum, name: str, alternative: str) -> dict[
     except Exception as error:  # urllib raises many types; all mean "not downloadable here".
         raise WeightsError(
             f"{name}: weights are not in the torch hub cache and could not be downloaded "
-            f"({_first_line(error)}); fetch {weights.url} to {cached} (or set TORCH_HOME), {alternative}"
+            f"({one_line(error, limit=200)}); fetch {weights.url} to {cached} (or set TORCH_HOME), "
+            f"{alternative}"
         ) from error
 
 
 def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
     """torchvision's COCO weights from the torch hub cache, downloading them if a network exists."""
+    try:
+        weights = torchvision_models.default_weights(builder)
+    except torchvision_models.UnknownTorchvisionModel as error:
+        raise WeightsError(str(error)) from error
     return read_hub_weights(
-        _torchvision_weights(builder),
-        f"{TORCHVISION_PREFIX}{builder}",
+        weights,
+        f"{torchvision_models.PREFIX}{builder}",
         "or pass a local or s3:// path to the file",
     )
 
@@ -141,8 +120,3 @@ def _torchvision_state_dict(builder: str) -> dict[str, torch.Tensor]:
 def _key_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict())
     return sorted(expected - set(state)), sorted(set(state) - expected)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -71,26 +71,34 @@ def s3_bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """A real local Ray (2 CPUs, no dashboard) shared by the session.
+    """A real local Ray (2 CPUs) shared by the session, as a job's own Ray is: its dashboard on a
+    port of 127.0.0.1, whose address its processes get for Ray's state API
+    (`pipeline.cluster.session`).
 
     It depends on `s3_server` so that Ray's worker processes start with `AWS_ENDPOINT_URL` already
     in their environment.
     """
     import ray
 
+    from pipeline.cluster.session import API_SERVER_ENV, LOCALHOST, free_local_port
+
     if not ray.is_initialized():
+        port = free_local_port()
+        api_server = os.environ[API_SERVER_ENV] = f"http://{LOCALHOST}:{port}"
         ray.init(
             # A new Ray of this process, never a cluster that another test (or anyone) started on
             # this machine, which `ray.init()` would otherwise find and join.
             address="local",
             num_cpus=2,
-            include_dashboard=False,
+            dashboard_host=LOCALHOST,
+            dashboard_port=port,
             configure_logging=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_server}},
+            runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_server, API_SERVER_ENV: api_server}},
         )
     yield ray
     ray.shutdown()
+    os.environ.pop(API_SERVER_ENV, None)
 
 
 @pytest.fixture(scope="session")

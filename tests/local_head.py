@@ -92,12 +92,14 @@ def local_head(home: Path, free_port: Callable[[], int], num_cpus: int = 2) -> I
         _wait_for_job_api(address, head, home, log)
         yield address
     finally:
-        # Only this head's processes: `ray stop` would stop every Ray on the machine.
+        # Only this head's processes: `ray stop` would stop every Ray on the machine. A few
+        # seconds to stop cleanly, then a kill: the test's data is on disk already.
         _kill_group(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             _kill_group(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from pipeline.actor_sizing import TASK_CPUS, actor_count, actor_cpus, actor_memory_bytes, local_ray_cpus
+from pipeline.segment.actor_sizing import (
+    TASK_CPUS,
+    actor_count,
+    actor_cpus,
+    actor_memory_bytes,
+    local_ray_cpus,
+)
 
 GIB = 1 << 30
 SMALL = actor_memory_bytes(min_size=128, max_size=128, batch_size=8)

@@ -26,9 +26,9 @@ from mrcnn.backbone import (
     trainable_layers,
 )
 from mrcnn.categories import Category
-from mrcnn.weights import torchvision_cache_path
-from pipeline.loop_config import LoopConfig
-from pipeline.weight_init import initialise_from, set_training_mode
+from mrcnn.torchvision_models import cache_path as torchvision_cache_path
+from pipeline.train.config import TrainConfig
+from pipeline.train.weight_init import initialise_from, set_training_mode
 
 IMAGENET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
 
@@ -120,14 +120,12 @@ def test_trainable_layers_and_frozen_batchnorm_are_torchvisions(hub_cache, monke
             weights=None, weights_backbone=ResNet50_Weights.IMAGENET1K_V1, trainable_backbone_layers=layers
         )
         model = build_model("r50-fpn", 91)
-    config = LoopConfig(
-        preset="r50-fpn", num_classes=91, roi_op="align", mask_loss="sigmoid", categories=(), epochs=1,
-        batch_size=2, optimizer="sgd", peak_lr=0.01, momentum=0.9, weight_decay=0.0, warmup_iters=1,
-        lr_schedule="cosine", steps_per_epoch=1, amp="off", torch_threads=1, seed=0, init_weights=None,
-        metrics_uri="", validate=False, backbone_weights="imagenet",
-        trainable_backbone_layers=trainable_layers(True, layers),
+    config = TrainConfig(
+        train_annotations="a", train_images="i", output="o", preset="r50-fpn", backbone_weights="imagenet",
+        trainable_backbone_layers=layers,
     )
-    set_training_mode(model, config)
+    assert config.pretrained and config.trainable_layers == trainable_layers(True, layers)
+    set_training_mode(model, config.pretrained, config.trainable_layers)
     ours = dict(model.named_parameters())
     theirs = dict(reference.named_parameters())
     for name, parameter in theirs.items():

@@ -16,7 +16,7 @@ from mrcnn.batching import (
     padded_size,
     padding_waste,
 )
-from pipeline.inference import Segmenter
+from pipeline.segment.inference import Segmenter
 
 LANDSCAPE_800 = (800, 1333)
 PORTRAIT_800 = (1333, 800)

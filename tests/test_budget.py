@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from mrcnn.categories import Category
-from pipeline.budget import (
+from pipeline.train.budget import (
     CALIBRATION_STEPS,
     REPLAN_EVERY,
     UNTIMED_STEPS,
@@ -20,17 +19,16 @@ from pipeline.budget import (
     TimeBudget,
     plan_steps,
 )
-from pipeline.loop_config import LoopConfig
-from pipeline.metrics import LOSS_NAMES, format_epoch
-from pipeline.optimizer import lr_factor
-from pipeline.train_job import TrainJob, steps_per_epoch
-from pipeline.train_output import schedule_finished
+from pipeline.train.config import TrainConfig
+from pipeline.train.job import is_finished
+from pipeline.train.metrics import LOSS_NAMES, format_epoch
+from pipeline.train.optimizer import lr_factor
 
 
 def test_plan_takes_the_steps_that_fit_what_is_left_of_the_budget():
     plan = plan_steps(0.5, budget_s=600, fixed_s=100)
     assert plan.steps == 1000
-    assert plan.finish_s(0) <= 600
+    assert plan.fixed_s + plan.steps * plan.seconds_per_step <= 600
     assert plan.warning() is None and plan.short_by_s == 0
 
     # Steps already taken count in the fixed part and stay taken.
@@ -48,7 +46,7 @@ def test_a_machine_too_slow_for_the_minimum_gets_one_line_and_still_ends_in_time
     # 3 s/step: 200 steps would need 150 + 600 s; 10 minutes hold 150 steps.
     plan = plan_steps(3.0, budget_s=600, fixed_s=150, min_steps=200, max_steps=4500)
     assert plan.steps == 150
-    assert plan.finish_s(0) <= 600, "what is trained still ends inside the budget"
+    assert plan.fixed_s + plan.steps * plan.seconds_per_step <= 600  # what is trained ends in time
     assert plan.short_by_s == pytest.approx(150)
     line = plan.warning()
     assert line is not None and "\n" not in line
@@ -126,22 +124,20 @@ def test_a_resumed_schedule_keeps_its_plan_until_it_re_plans_and_records_it(caps
     assert printed.count("train: plan: 1650 steps") == 1 and "images/s" in printed
 
 
-def _config(**changes) -> LoopConfig:
+def _config(**changes) -> TrainConfig:
     fields = dict(
-        preset="tiny", num_classes=2, roi_op="align", mask_loss="sigmoid", categories=(Category(1, "a"),),
-        epochs=5, batch_size=4, optimizer="adamw", peak_lr=0.002, momentum=0.9, weight_decay=0.0,
-        warmup_iters=50, lr_schedule="cosine", steps_per_epoch=150, amp="off", torch_threads=1, seed=0,
-        init_weights=None, metrics_uri="", validate=False,
+        train_annotations="a", train_images="i", output="o", preset="tiny", epochs=5, batch_size=4,
+        optimizer="adamw", warmup_iters=50, lr_schedule="cosine",
     )  # fmt: skip
-    return LoopConfig(**{**fields, **changes})
+    return TrainConfig(**{**fields, **changes})
 
 
 def test_the_schedule_ends_at_the_last_planned_step_with_a_warm_up_of_at_most_a_quarter():
     config = _config()
-    assert config.total_steps == 750
-    assert _config(max_steps=400).total_steps == 400
+    assert config.total_steps(150) == 750
+    assert _config(max_steps=400).total_steps(150) == 400
     planned = 120  # a slow machine: fewer steps than the 750 of the epochs
-    factors = [lr_factor(step, config, planned) for step in range(planned + 1)]
+    factors = [lr_factor(step, planned, "cosine", config.warmup_iters) for step in range(planned + 1)]
     assert factors[planned] == pytest.approx(0.0, abs=1e-12)
     # Warm-up: 120 // 4 = 30 steps, then the cosine decay as if it had started at step 0.
     assert max(factors) == pytest.approx(factors[30]) == 0.5 * (1 + math.cos(math.pi * 30 / planned))
@@ -150,17 +146,17 @@ def test_the_schedule_ends_at_the_last_planned_step_with_a_warm_up_of_at_most_a_
 
 
 def test_a_run_is_finished_when_its_schedule_is():
-    budgeted = TrainJob(train_annotations="a", train_images="i", output="o", epochs=30, max_minutes=9.0)
-    assert steps_per_epoch(budgeted, 1200) == 150
+    budgeted = TrainConfig(train_annotations="a", train_images="i", output="o", epochs=30, max_minutes=9.0)
+    assert budgeted.steps_per_epoch(1200) == 150
     last = {"epoch": 5, "step": 712, "planned_steps": 712, "plan": {"steps": 712}}
-    assert schedule_finished(budgeted, last, 150)
-    assert not schedule_finished(budgeted, {**last, "step": 600}, 150)
+    assert is_finished(budgeted, last, 1200)
+    assert not is_finished(budgeted, {**last, "step": 600}, 1200)
     # The same output without a budget: the epochs asked for decide, so more epochs train on.
-    epochs = TrainJob(train_annotations="a", train_images="i", output="o", epochs=5)
-    assert not schedule_finished(epochs, last, 150)
-    assert schedule_finished(epochs, {"epoch": 5}, 150)
-    stepped = TrainJob(train_annotations="a", train_images="i", output="o", epochs=5, max_steps=700)
-    assert schedule_finished(stepped, {"epoch": 5, "step": 700, "planned_steps": 700}, 150)
+    epochs = TrainConfig(train_annotations="a", train_images="i", output="o", epochs=5)
+    assert not is_finished(epochs, last, 1200)
+    assert is_finished(epochs, {"epoch": 5}, 1200)
+    stepped = TrainConfig(train_annotations="a", train_images="i", output="o", epochs=5, max_steps=700)
+    assert is_finished(stepped, {"epoch": 5, "step": 700, "planned_steps": 700}, 1200)
 
 
 def test_the_epoch_line_tells_the_step_of_the_plan_and_when_it_ends():

@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from mrcnn import storage
-from pipeline.gpu import GpuUnavailableError, gpus_to_request, require_cuda
-from pipeline.ray_compat import check_ray_version, worker_group_start_retries
-from pipeline.ray_errors import one_line, root_cause
-from pipeline.shared_storage import (
+from pipeline.cluster.gpu import GpuUnavailableError, gpus_to_request, require_cuda
+from pipeline.cluster.ray_compat import check_ray_version, worker_group_start_retries
+from pipeline.cluster.ray_errors import cause_line, root_cause
+from pipeline.cluster.shared_storage import (
     MARKER_NAME,
     SharedStorageError,
     check_local_paths,
     fingerprint,
     is_local_path,
 )
-from pipeline.worker_sizing import default_worker_cpus
+from pipeline.train.workers import default_worker_cpus
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_errors_wrapped_by_ray_give_the_original_one_line(ray_local):
     with pytest.raises(ray_local.exceptions.RayTaskError) as raised:
         ray_local.get(fail.remote())
     assert isinstance(root_cause(raised.value), GpuUnavailableError)
-    assert one_line(raised.value) == (
+    assert cause_line(raised.value) == (
         "GpuUnavailableError: node 10.0.0.7 was given a GPU by Ray but torch sees none"
     )
 
@@ -137,14 +137,14 @@ def test_gpu_workers_are_not_sized_by_the_head_when_no_gpu_node_is_up(ray_local)
 def test_a_ray_without_a_private_name_the_project_needs_stops_each_job_in_one_line(
     job, monkeypatch, capsys, tmp_path, model_dir
 ):
-    """As after a Ray upgrade that renamed one of the names `pipeline.ray_compat` relies on: a Ray
+    """As after a Ray upgrade that renamed one of the names `pipeline.cluster.ray_compat` relies on: a Ray
     Data name for segmentation (which checks no Ray Train name: that would import torch in its
     driver), a Ray Train name for training."""
     from ray.train.v2._internal import constants
 
     from jobs import segment as segment_job
     from jobs import train as train_job
-    from pipeline import ray_compat
+    from pipeline.cluster import ray_compat
 
     (tmp_path / "images").mkdir()
     if job == "segment":
@@ -163,7 +163,7 @@ def test_a_ray_without_a_private_name_the_project_needs_stops_each_job_in_one_li
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"{job}: error: Ray {ray_version()} has no {missing}")
-    assert "pipeline/ray_compat.py" in lines[0]
+    assert "pipeline/cluster/ray_compat.py" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -175,7 +175,7 @@ def ray_version() -> str:
 
 def test_a_wait_for_resources_says_each_minute_what_it_waits_for(ray_local):
     """The line a job prints every minute (here every 0.2 s) until the wait is over."""
-    from pipeline.placement import WaitReport
+    from pipeline.cluster.placement import WaitReport
 
     lines: list[str] = []
     with WaitReport(lines.append, "1 inference actor(s)", {"CPU": 1, "GPU": 1}, 1200, every_s=0.2) as report:
@@ -192,7 +192,7 @@ def test_a_wait_for_resources_says_each_minute_what_it_waits_for(ray_local):
 
 
 def test_a_request_a_node_holds_is_placeable_without_asking_an_autoscaler(ray_local):
-    from pipeline.placement import check_placement, describe_bundle
+    from pipeline.cluster.placement import check_placement, describe_bundle
 
     assert check_placement({"CPU": 1, "GPU": 0}).where == "node"
     assert describe_bundle({"CPU": 2.0, "GPU": 1.0, "memory": 1.5 * (1 << 30)}) == (

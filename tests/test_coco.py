@@ -140,7 +140,7 @@ def test_categories_are_sorted_and_gapped_ids_map_to_contiguous_labels(dataset):
         Category(7, "triangle"),
     )
     assert dataset.category_to_label == {1: 1, 3: 2, 7: 3}
-    assert dataset.label_to_category_id == {1: 1, 2: 3, 3: 7}
+    assert {label: c.id for label, c in enumerate(dataset.categories, 1)} == {1: 1, 2: 3, 3: 7}
 
 
 def test_images_keep_file_order_uris_and_only_good_annotations(dataset, tmp_path):

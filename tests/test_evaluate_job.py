@@ -17,6 +17,7 @@ import torch
 from jobs import evaluate as evaluate_job
 from jobs import segment as segment_job
 from mrcnn import storage
+from mrcnn.categories import category_of
 from mrcnn.coco import read_coco
 from mrcnn.evaluation import STAT_NAMES, detections_from_prediction, evaluate_coco
 from mrcnn.images import decode_image
@@ -24,7 +25,7 @@ from mrcnn.model import build_model
 from mrcnn.model_folder import load_model, save_model_folder, spec_for
 from mrcnn.rle import masks_to_rle
 from mrcnn.shapes import CATEGORIES, generate_shapes
-from pipeline.output import SCHEMA
+from pipeline.segment.output import SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_segment_output_scores_what_the_model_scores_in_process(shapes, tmp_path
         with torch.inference_mode():
             [prediction] = model([image])
         rles = masks_to_rle(prediction["mask_probs"], prediction["boxes"], record.height, record.width)
-        category_ids = [spec.category_of(label).id for label in prediction["labels"].tolist()]
+        category_ids = [category_of(spec.categories, label).id for label in prediction["labels"].tolist()]
         detections += detections_from_prediction(
             record.image_id, prediction["boxes"], prediction["scores"], category_ids, rles,
             record.height, record.width,
@@ -155,7 +156,7 @@ def test_evaluate_reports_the_ap_that_training_reported(shapes, tmp_path, ray_lo
     """Train briefly with validation on the same images; segment + evaluate give exactly the AP
     the training reported for its last epoch (same weights, threshold and COCOeval)."""
     from jobs import train as train_job
-    from pipeline.metrics import read_history
+    from pipeline.train.metrics import read_history
 
     run = str(tmp_path / "run")
     assert train_job.main([

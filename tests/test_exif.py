@@ -17,17 +17,17 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
-from test_train import run_job
 
 from jobs import evaluate as evaluate_job
+from jobs import train as train_job
 from mrcnn import storage
 from mrcnn.coco import read_coco
 from mrcnn.images import decode_image
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored
 from mrcnn.shapes import generate_shapes
-from pipeline.metrics import read_history
-from pipeline.output import SCHEMA
-from pipeline.train_data import TrainingCollate, decode_training_batch
+from pipeline.segment.output import SCHEMA
+from pipeline.train.data import TrainingCollate, decode_training_batch
+from pipeline.train.metrics import read_history
 
 ORIENTED = {1: 6, 2: 3}  # image id -> EXIF orientation
 
@@ -183,18 +183,20 @@ def test_evaluate_maps_rows_of_oriented_images_back_to_the_stored_annotations(ex
 
 
 @pytest.mark.slow
-def test_a_dataset_of_oriented_images_trains_and_validates_on_every_image(exif_shapes, tmp_path):
+def test_a_dataset_of_oriented_images_trains_and_validates_on_every_image(
+    exif_shapes, tmp_path, ray_local, capsys
+):
     """jobs.train in the default convention: no image is left out of training or validation."""
     argv = [
         "--train-annotations", exif_shapes.annotations_uri, "--train-images", exif_shapes.images_root,
         "--val-annotations", exif_shapes.annotations_uri, "--val-images", exif_shapes.images_root,
         "--output", str(tmp_path / "run"), "--preset", "tiny", "--num-workers", "2", "--batch-size", "1",
-        "--epochs", "1", "--num-cpus", "2",
+        "--epochs", "1",
     ]  # fmt: skip
-    result = run_job(*argv)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_job.main(argv) == 0
+    printed = capsys.readouterr()
     (epoch,) = read_history(str(tmp_path / "run" / "metrics.jsonl"))
     assert epoch["images"] == 6
-    assert "left out" not in result.stdout + result.stderr
+    assert "left out" not in printed.out + printed.err
     # Every image validated, over both workers' shards.
     assert epoch["val_images"] == 6

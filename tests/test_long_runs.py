@@ -1,8 +1,8 @@
 """Long runs people can watch: step records and TensorBoard curves, mid-epoch checkpoints that a
 killed worker resumes from, and validation sharded over the workers.
 
-The end-to-end test runs `jobs.train` in a subprocess (its own local Ray), as tests/test_train.py
-does, with the tiny preset on eight 64 px shapes images.
+The end-to-end test runs `jobs.train` in this process, on the suite's local Ray, as
+tests/test_train.py does, with the tiny preset on eight 64 px shapes images.
 """
 
 from __future__ import annotations
@@ -15,18 +15,28 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import make_dataset, run_job
+from test_train import make_dataset
 
 from jobs import train as train_job
 from mrcnn.coco import read_coco
 from mrcnn.evaluation import evaluate_coco
 from mrcnn.model_folder import load_model
-from pipeline.checkpoints import load_state
-from pipeline.fault_injection import FAIL_AFTER_STEP_ENV
-from pipeline.metrics import LOSS_NAMES, read_history, read_records, read_steps, write_history
-from pipeline.tensorboard_log import TensorBoardLog
-from pipeline.train_data import ValidationCollate, decode_validation_batch
-from pipeline.validation import detect
+from pipeline.train.data import ValidationCollate, decode_validation_batch
+from pipeline.train.fault_injection import FAIL_AFTER_STEP_ENV
+from pipeline.train.metrics import (
+    LOSS_NAMES,
+    TensorBoardLog,
+    read_history,
+    read_records,
+    write_history,
+)
+from pipeline.train.run_folder import load_state
+from pipeline.train.validation import detect
+
+
+def steps_of(uri: str) -> list[dict]:
+    """The step records of a run's `metrics.jsonl`, in order."""
+    return [record for record in read_records(uri) if record.get("kind") == "step"]
 
 
 def _scalars(folder: str, tag: str) -> dict[int, float]:
@@ -61,38 +71,41 @@ def test_step_records_do_not_disturb_readers_of_epochs(tmp_path):
     ]
     write_history(uri, records)
     assert [r["epoch"] for r in read_history(uri)] == [1, 2]
-    assert [r["step"] for r in read_steps(uri)] == [20]
+    assert [r["step"] for r in steps_of(uri)] == [20]
     assert read_records(uri) == records
 
 
 @pytest.mark.slow
-def test_a_worker_killed_after_a_step_checkpoint_resumes_mid_epoch_and_runs_the_planned_steps(tmp_path):
+def test_a_worker_killed_after_a_step_checkpoint_resumes_mid_epoch_and_runs_the_planned_steps(
+    ray_local, tmp_path, monkeypatch, capsys
+):
     """2 workers x 1 image on 8 images: 4 steps per epoch, 8 in 2 epochs. Checkpoints every 3
     steps; the rank-0 worker dies right after the one of step 3, mid-epoch 1, and Ray Train
     restarts the workers from it (`--max-failures 1`). Validation every 3 steps and at epoch
     ends runs on both workers, each on half of the images."""
     annotations, images = make_dataset(str(tmp_path / "shapes"))
     output = tmp_path / "run"
-    result = run_job(
+    monkeypatch.setenv(FAIL_AFTER_STEP_ENV, "3")
+    code = train_job.main([
         "--train-annotations", annotations, "--train-images", images,
         "--val-annotations", annotations, "--val-images", images, "--output", str(output),
         "--preset", "tiny", "--num-workers", "2", "--batch-size", "1", "--warmup-iters", "2",
         "--epochs", "2", "--checkpoint-every", "3", "--validate-every", "3", "--log-every", "1",
-        "--max-failures", "1", "--num-cpus", "2",
-        env={FAIL_AFTER_STEP_ENV: "3"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "worker exits on purpose after step 3" in result.stdout
-    assert "resuming from checkpoint" in result.stdout and "at step 3" in result.stdout
-    assert "step 8/8 (epoch 2/2)" in result.stdout  # the progress lines
+        "--max-failures", "1",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "worker exits on purpose after step 3" in out
+    assert "resuming from checkpoint" in out and "at step 3" in out
+    assert "step 8/8 (epoch 2/2)" in out  # the progress lines
 
     metrics = str(output / "metrics.jsonl")
-    assert [r["step"] for r in read_steps(metrics)] == list(range(1, 9))  # each step once
+    assert [r["step"] for r in steps_of(metrics)] == list(range(1, 9))  # each step once
     epochs = read_history(metrics)
     assert [(e["epoch"], e["step"]) for e in epochs] == [(1, 4), (2, 8)]
     validations = [r["step"] for r in read_records(metrics) if r.get("kind") == "validation"]
     assert validations == [3, 6]
-    for record in read_steps(metrics):
+    for record in steps_of(metrics):
         assert np.isfinite([record[k] for k in ("loss", *LOSS_NAMES, "lr", "images_per_second")]).all()
 
     final = load_state(str(output / "checkpoints" / "epoch-0002"))
@@ -101,7 +114,7 @@ def test_a_worker_killed_after_a_step_checkpoint_resumes_mid_epoch_and_runs_the_
 
     tensorboard = str(output / "tensorboard")
     assert sorted(_scalars(tensorboard, "train/loss")) == list(range(1, 9))
-    losses = {r["step"]: r["loss"] for r in read_steps(metrics)}
+    losses = {r["step"]: r["loss"] for r in steps_of(metrics)}
     assert _scalars(tensorboard, "train/loss") == pytest.approx(losses, rel=1e-6)
     assert sorted(_scalars(tensorboard, "val/segm_AP")) == [3, 4, 6, 8]
 

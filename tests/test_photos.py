@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from benchmarks.photos import photos, write_photos
 from mrcnn.images import decode_image
-from mrcnn.photos import photos, write_photos
 
 
 def test_photos_are_distinct_of_both_orientations_with_the_asked_short_side():

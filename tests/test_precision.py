@@ -11,7 +11,7 @@ from jobs import train as train_job
 from mrcnn.model import MaskRCNN
 from mrcnn.precision import PRECISIONS, Float32BoxCoder, autocast, cpu_computes_bf16, inference_precision
 from mrcnn.presets import get_preset
-from pipeline.inference import PRECISION_CHOICES
+from pipeline.segment.inference import PRECISION_CHOICES
 
 CPU = torch.device("cpu")
 
@@ -96,7 +96,7 @@ def test_auto_inference_precision_is_bf16_only_on_cpus_that_compute_it(tmp_path,
 
 
 def test_the_segment_jobs_amp_choices_are_the_precisions_and_auto():
-    # Spelled out in `pipeline.inference` so that the job's driver need not import torch.
+    # Spelled out in `pipeline.segment.inference` so that the job's driver need not import torch.
     assert ("auto", *PRECISIONS) == PRECISION_CHOICES
 
 

@@ -22,8 +22,8 @@ from mrcnn import storage
 from mrcnn.categories import Category
 from mrcnn.model import build_model
 from mrcnn.model_folder import save_model_folder, spec_for
-from mrcnn.weights import torchvision_cache_path
-from pipeline.provenance import job_record
+from mrcnn.torchvision_models import cache_path as torchvision_cache_path
+from pipeline.segment.provenance import job_record
 
 IMAGES = 4
 

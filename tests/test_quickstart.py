@@ -12,13 +12,13 @@ import sys
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.budget import CALIBRATION_STEPS
-from pipeline.metrics import read_history
+from pipeline.train.budget import CALIBRATION_STEPS
+from pipeline.train.metrics import read_history
 
 pytestmark = pytest.mark.slow
 
 # 48 images on 2 workers x 4: 6 steps per epoch, at most 24 steps, so the planner has steps to
-# time (pipeline.budget.CALIBRATION_STEPS) and some to plan.
+# time (pipeline.train.budget.CALIBRATION_STEPS) and some to plan.
 TINY_DEMO = ["--train-images", "48", "--val-images", "6", "--epochs", "4", "--preset", "tiny",
              "--overlays", "2"]  # fmt: skip
 

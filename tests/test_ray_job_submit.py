@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from local_head import REPO, generate_token, local_head, ray_cli
 
-from pipeline.metrics import read_history
+from pipeline.train.metrics import read_history
 
 TERMINAL = ("succeeded", "failed", "stopped")
 # What a user passes with `ray job submit --runtime-env-json` for a cluster in another region.
@@ -131,7 +131,7 @@ def test_submitted_env_vars_reach_the_workers_of_a_job(ray_cluster):
     """A variable set with `--runtime-env-json` is what the job's Ray tasks see, not the node's."""
     probe = """
 import os, ray
-from pipeline.ray_runtime import ray_session
+from pipeline.cluster.session import ray_session
 
 with ray_session():
     print("task sees", ray.get(ray.remote(lambda: os.environ.get("AWS_REGION")).remote()))
@@ -143,7 +143,10 @@ with ray_session():
 def test_working_dir_uploads_the_code_but_no_environment_or_outputs(ray_cluster, tmp_path):
     """`--working-dir .` in a checkout where `make setup` and `make demo` ran ships only the code."""
     checkout = tmp_path / "checkout"
-    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache"))
+    # The checkout's code; its environment and outputs are made below (copying the real .venv would
+    # copy gigabytes for nothing: one file in it is as good a test of the exclusion).
+    skipped = shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".venv", "demo-output")
+    shutil.copytree(REPO, checkout, ignore=skipped)
     for junk in (
         ".venv/lib/python3.11/site-packages/torch/big.so",
         "demo-output/model/weights.pt",

@@ -34,7 +34,7 @@ def test_a_local_ray_keeps_idle_task_workers_while_actors_hold_its_cpus():
     """
     script = """
 import os, time, ray
-from pipeline.ray_runtime import ray_session
+from pipeline.cluster.session import ray_session
 
 with ray_session(num_cpus=2):
     @ray.remote(num_cpus=0.75)
@@ -81,9 +81,9 @@ import tempfile, threading, time
 from ray.data import ExecutionResources
 from mrcnn.coco import read_coco
 from mrcnn.shapes import generate_shapes
-from pipeline.idle_backoff import IdleBackoff
-from pipeline.ray_runtime import ray_session
-from pipeline.train_data import training_dataset
+from pipeline.cluster.idle_backoff import IdleBackoff
+from pipeline.cluster.session import ray_session
+from pipeline.train.data import training_dataset
 
 PAUSE_S = 0.2
 

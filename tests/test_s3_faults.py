@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -23,15 +24,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from s3_proxy import KINDS, FlakyS3Proxy
+from test_train import GAPPED_IDS, TRAIN_FLAGS, make_dataset
 
 from jobs import evaluate as evaluate_job
-from mrcnn import s3_retry, storage
-from mrcnn.shapes import generate_shapes
-from pipeline.metrics import read_history
-from pipeline.output import part_files, read_part
+from mrcnn import s3_clients, s3_retry, storage
+from mrcnn.errors import UserError
+from mrcnn.model_folder import load_model
+from pipeline.segment.output import part_files, read_part
+from pipeline.train.metrics import LOSS_NAMES, read_history
+from pipeline.train.run_folder import load_state
 
 # Below S3's error document: the ranged GETs that a SlowDown response overflows.
 SMALL_RANGE = 512
+# The region of the segmentation tests' bucket.
+REGION = "eu-west-1"
 EVERY_KIND = dict.fromkeys(KINDS, 1.0)
 
 
@@ -86,7 +92,6 @@ def test_small_ranged_reads_are_never_asked_so_throttling_them_fails_nothing(
 @pytest.mark.parametrize("share", [0.05, 0.2])
 def test_throttled_and_reset_requests_of_every_kind_are_retried(s3_bucket, s3_server, monkeypatch, share):
     data = {f"{s3_bucket}/dir/{i:04d}.bin": os.urandom(100 + i) for i in range(40)}
-    before = s3_retry.retries_done()
     with FlakyS3Proxy(s3_server, rates(share), seed=7, reset_rates=rates(share / 4)) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         for uri, payload in data.items():
@@ -97,7 +102,6 @@ def test_throttled_and_reset_requests_of_every_kind_are_retried(s3_bucket, s3_se
         storage.delete(next(iter(data)))
         assert not storage.exists(next(iter(data)))
     assert proxy.failures + proxy.resets > 0
-    assert s3_retry.retries_done() > before  # boto3's requests, which this project retries itself
 
 
 def test_a_listing_of_many_pages_survives_throttled_pages(s3_bucket, s3_server, monkeypatch):
@@ -140,14 +144,14 @@ def test_the_sdk_misreported_throttle_is_retried_and_others_are_not():
             raise answer
         return answer
 
-    assert s3_retry.call(read, "s3://b/k") == b"data" and answers == []
+    assert s3_clients.call(read, "s3://b/k") == b"data" and answers == []
     denied = OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
-    assert s3_retry.is_transient(flushed) and not s3_retry.is_transient(denied)
+    assert s3_clients.is_transient(flushed) and not s3_clients.is_transient(denied)
 
 
 def test_a_bad_max_attempts_setting_is_one_line(s3_bucket, monkeypatch):
     monkeypatch.setenv("MRCNN_S3_MAX_ATTEMPTS", "ten")
-    with pytest.raises(storage.StorageError, match="MRCNN_S3_MAX_ATTEMPTS must be a whole number"):
+    with pytest.raises(UserError, match="MRCNN_S3_MAX_ATTEMPTS must be a whole number"):
         storage.read_bytes(f"{s3_bucket}/x")
 
 
@@ -155,9 +159,11 @@ def test_a_bad_max_attempts_setting_is_one_line(s3_bucket, monkeypatch):
 
 
 def job(module: str, argv: list[str], proxy: FlakyS3Proxy, **env_extra: str) -> subprocess.Popen:
-    """`python -m module argv` with its own local Ray, every S3 request through `proxy`."""
+    """`python -m module argv` with its own local Ray, every S3 request through `proxy`, and no
+    region variable, as on an EC2 node (each process looks its buckets' regions up)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "AWS_ENDPOINT_URL": proxy.url, **env_extra}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        env.pop(name, None)
     return subprocess.Popen(
         [sys.executable, "-m", module, *argv],
         env=env,
@@ -186,7 +192,8 @@ def committed_paths(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def photos(s3_server, tmp_path_factory):
-    """80 images under an S3 prefix and a tiny model folder on S3.
+    """80 images under an S3 prefix and a tiny model folder on S3, in a bucket of eu-west-1 (the
+    proxy answers a request signed for another region as S3 does; moto accepts any).
 
     Images of 160 px and a low score threshold give the random model many masks per image, so a
     part file of 30 rows is tens of KB: too large for the footer read to cover its column chunks,
@@ -201,7 +208,9 @@ def photos(s3_server, tmp_path_factory):
     from mrcnn.model_folder import save_model_folder, spec_for
 
     bucket = f"faults-{os.urandom(4).hex()}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    boto3.client("s3", endpoint_url=s3_server, region_name=REGION).create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
+    )
     for i in range(80):
         storage.write_bytes(f"s3://{bucket}/photos/{i:03d}.png", png(i, size=160))
     torch.manual_seed(0)
@@ -217,20 +226,35 @@ def segment_argv(bucket: str, output: str) -> list[str]:
     ]  # fmt: skip
 
 
-def throttled_segment(bucket: str, s3_server: str, share: float, output: str) -> FlakyS3Proxy:
+def throttled_proxy(
+    s3_server: str, bucket: str, share: float, seed: int, region: str | None = REGION
+) -> FlakyS3Proxy:
+    """The proxy of these tests: `share` of every kind of request and every small ranged GET
+    throttled, and `bucket` in `region` (None: the proxy's default, moto's us-east-1)."""
+    regions = {bucket[5:]: region} if region else None
+    return FlakyS3Proxy(
+        s3_server, rates(share), seed=seed, small_range_bytes=SMALL_RANGE, bucket_regions=regions
+    )
+
+
+def throttled_segment(bucket: str, s3_server: str, share: float, output: str, **env: str) -> FlakyS3Proxy:
     """One `jobs.segment` run over `bucket`'s photos with `share` of every kind of request and
     every small ranged GET throttled; returns its proxy."""
-    with FlakyS3Proxy(s3_server, rates(share), seed=1, small_range_bytes=SMALL_RANGE) as proxy:
-        code, _, err = finished(job("jobs.segment", segment_argv(bucket, output), proxy))
+    with throttled_proxy(s3_server, bucket, share, seed=1) as proxy:
+        code, _, err = finished(job("jobs.segment", segment_argv(bucket, output), proxy, **env))
     assert code == 0, err[-3000:]
     assert "Traceback" not in err
     return proxy
 
 
 @pytest.fixture(scope="module")
-def segmented_at_20(photos, s3_server):
+def segmented_at_20(photos, s3_server, tmp_path_factory):
+    """The 20 % run, with every process appending a line per S3 client it builds to a trace."""
     output = f"{photos}/masks-20"
-    return output, throttled_segment(photos, s3_server, 0.2, output)
+    trace = tmp_path_factory.mktemp("trace") / "s3-clients.jsonl"
+    proxy = throttled_segment(photos, s3_server, 0.2, output, MRCNN_S3_TRACE=str(trace))
+    clients = [json.loads(line) for line in trace.read_text().splitlines()] if trace.exists() else []
+    return output, proxy, clients
 
 
 def assert_every_photo_once(bucket: str, output: str) -> None:
@@ -242,9 +266,33 @@ def assert_every_photo_once(bucket: str, output: str) -> None:
 
 @pytest.mark.slow
 def test_segment_rides_through_a_fifth_of_every_kind_of_request_throttled(photos, segmented_at_20):
-    output, proxy = segmented_at_20
+    output, proxy, _ = segmented_at_20
     assert_every_photo_once(photos, output)
     assert proxy.failures > 20 and set(proxy.failed_by_kind) >= {"GET", "PUT", "HEAD"}, proxy.failed_by_kind
+
+
+@pytest.mark.slow
+def test_each_process_keeps_one_client_per_kind_for_the_bucket_region(segmented_at_20):
+    clients = segmented_at_20[2]
+    filesystems = Counter(client["pid"] for client in clients if client["kind"] == "pyarrow")
+    boto3_clients = Counter(client["pid"] for client in clients if client["kind"] == "boto3")
+    # The driver, the lister, decode and commit tasks, the inference actor: several processes...
+    assert len(set(filesystems) | set(boto3_clients)) >= 3, clients
+    # ... each with at most one native filesystem (listings, existence checks) for all its work
+    # (80 images, 3 parts, the model), and at most a boto3 client to ask the bucket's region and
+    # one in that region for the whole-object reads and writes and the listing.
+    assert max(filesystems.values()) == 1, filesystems
+    assert max(boto3_clients.values()) <= 2, boto3_clients
+    assert {c["region"] for c in clients if c["kind"] == "pyarrow"} == {REGION}
+
+
+@pytest.mark.slow
+def test_connections_are_reused_across_objects(segmented_at_20):
+    proxy = segmented_at_20[1]
+    objects = {(method, path.split("?")[0]) for method, path, _, _ in proxy.log if method in ("GET", "PUT")}
+    assert len(objects) >= 80
+    # Keep-alive connections, a handful per process, not one per object.
+    assert proxy.connections < len(objects) / 2, (proxy.connections, len(objects))
 
 
 @pytest.mark.slow
@@ -258,7 +306,7 @@ def test_segment_rides_through_a_twentieth_of_every_kind_of_request_throttled(ph
 @pytest.mark.slow
 def test_segment_killed_mid_run_under_throttling_resumes_with_every_row_once(photos, s3_server):
     output = f"{photos}/masks-killed"
-    with FlakyS3Proxy(s3_server, rates(0.2), seed=2, small_range_bytes=SMALL_RANGE) as proxy:
+    with throttled_proxy(s3_server, photos, 0.2, seed=2) as proxy:
         driver = job("jobs.segment", segment_argv(photos, output), proxy)
         try:
             deadline = time.monotonic() + 300
@@ -285,7 +333,7 @@ def test_evaluate_reads_predictions_through_throttling(
     photos, segmented_at_20, s3_server, monkeypatch, capsys
 ):
     """jobs.evaluate over the output of a throttled run, itself throttled: the same AP as direct."""
-    output, _ = segmented_at_20
+    output = segmented_at_20[0]
     annotations = f"{photos}/annotations.json"
     images = [{"id": i, "file_name": f"{i:03d}.png", "width": 160, "height": 160} for i in range(80)]
     ground_truth = {
@@ -301,8 +349,11 @@ def test_evaluate_reads_predictions_through_throttling(
     argv = ["--predictions", output, "--annotations", annotations, "--exif-orientation", "apply"]
     direct = f"{photos}/eval-direct.json"
     assert evaluate_job.main([*argv, "--json", direct]) == 0
-    with FlakyS3Proxy(s3_server, rates(0.2), seed=4, small_range_bytes=SMALL_RANGE) as proxy:
+    with throttled_proxy(s3_server, photos, 0.2, seed=4) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # As on an EC2 node: no region set, the bucket's looked up (this process signs for it).
+        monkeypatch.delenv("AWS_REGION", raising=False)
+        monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
         throttled = f"{photos}/eval-throttled.json"
         assert evaluate_job.main([*argv, "--json", throttled]) == 0
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
@@ -312,28 +363,64 @@ def test_evaluate_reads_predictions_through_throttling(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("share", [0.05, 0.2])
-def test_train_with_s3_data_and_checkpoints_rides_through_throttling(s3_server, tmp_path, share):
+def test_training_on_s3_rides_through_throttling_exports_a_detecting_model_and_resumes(s3_server, tmp_path):
+    """Two workers, data, validation, checkpoints, metrics and the model on S3: the first run with
+    a fifth of every request throttled, the resumed run (one more epoch) with a twentieth."""
     import boto3
 
     bucket = f"train-faults-{os.urandom(4).hex()}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    data = generate_shapes(f"s3://{bucket}/shapes", 16, seed=1, size=64)
-    output = f"s3://{bucket}/run"
-    argv = [
-        "--train-annotations", data.annotations_uri, "--train-images", data.images_root,
-        "--output", output, "--preset", "tiny", "--num-workers", "1", "--epochs", "1",
-        "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1", "--num-cpus", "2",
-    ]  # fmt: skip
-    with FlakyS3Proxy(s3_server, rates(share), seed=5, small_range_bytes=SMALL_RANGE) as proxy:
-        code, out, err = finished(job("jobs.train", argv, proxy))
-        assert code == 0, err[-3000:]
-        assert "Traceback" not in err
-        if share == 0.2:
-            # Re-run on the same output: reads the run's record, its checkpoints and metrics.
-            again, out_again, err_again = finished(job("jobs.train", argv, proxy))
-            assert again == 0, err_again[-3000:]
-            assert "already complete" in out_again and "Traceback" not in err_again
-    assert [record["epoch"] for record in read_history(f"{output}/metrics.jsonl")] == [1]
-    assert storage.exists(f"{output}/model/model.json")
-    assert proxy.failures > 0
+    annotations, images = make_dataset(f"s3://{bucket}/shapes")
+    output = f"s3://{bucket}/runs/tiny"
+    argv = ["--train-annotations", annotations, "--train-images", images, "--output", output,
+            "--num-cpus", "2", *TRAIN_FLAGS]  # fmt: skip
+    validation = ["--val-annotations", annotations, "--val-images", images]
+    with throttled_proxy(s3_server, f"s3://{bucket}", 0.2, seed=5, region=None) as proxy:
+        code, out, err = finished(job("jobs.train", [*argv, *validation, "--epochs", "1"], proxy))
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and proxy.failures > 0
+    history = read_history(f"{output}/metrics.jsonl")
+    assert [e["epoch"] for e in history] == [1]
+    epoch = history[0]
+    for key in ("loss", *LOSS_NAMES, "lr", "images_per_second"):
+        assert np.isfinite(epoch[key]), key
+    assert epoch["images"] == 8  # 2 workers x 4 images: every image, none twice
+    assert set(epoch["segm"]) >= {"AP", "AP50", "AP75"} and set(epoch["bbox"]) >= {"AP"}
+    assert load_state_from(f"{output}/checkpoints/epoch-0001")["epoch"] == 1
+    assert_detecting_model(f"{output}/model")
+
+    with throttled_proxy(s3_server, f"s3://{bucket}", 0.05, seed=6, region=None) as proxy:
+        code, out, err = finished(job("jobs.train", [*argv, "--epochs", "2"], proxy))
+    assert code == 0, err[-3000:]
+    assert f"resuming from checkpoint {output}/checkpoints/epoch-0001" in out
+    assert [e["epoch"] for e in read_history(f"{output}/metrics.jsonl")] == [1, 2]
+
+
+def load_state_from(checkpoint_uri: str) -> dict:
+    """A checkpoint's training state, copied locally and loaded with `weights_only=True`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "training_state.pt"), "wb") as file:
+            file.write(storage.read_bytes(f"{checkpoint_uri}/training_state.pt"))
+        state = load_state(folder)
+    assert set(state) >= {"model", "optimizer", "scheduler", "history"}
+    return state
+
+
+def assert_detecting_model(model_uri: str) -> None:
+    """The exported folder loads strictly into the model its spec names, and the model detects."""
+    import torch
+
+    model, spec = load_model(model_uri)
+    assert [c.id for c in spec.categories] == sorted(GAPPED_IDS.values())
+    assert spec.preset == "tiny" and spec.num_classes == 5 and (spec.min_size, spec.max_size) == (64, 96)
+    weights = torch.load(io.BytesIO(storage.read_bytes(f"{model_uri}/weights.pt")), weights_only=True)
+    assert set(weights) == set(model.state_dict())
+    model.score_threshold = 0.0
+    with torch.inference_mode():
+        (prediction,) = model([torch.rand(3, 64, 64)])
+    count = len(prediction["boxes"])
+    assert prediction["boxes"].shape == (count, 4) and prediction["scores"].shape == (count,)
+    assert prediction["masks"].shape == (count, 1, 64, 64)
+    assert set(prediction["labels"].tolist()) <= {1, 2, 3, 4}

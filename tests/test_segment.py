@@ -309,11 +309,13 @@ def test_rerun_completes_the_output_exactly_once(tmp_path, model_dir, ray_local)
 
 def test_decoding_runs_on_tasks_not_on_the_inference_actor(tmp_path, model_dir, ray_local):
     """Ray Data must not fuse decode into the actor stage (it would decode on the accelerator's actor)."""
-    from pipeline.bulk_segmentation import SegmentConfig, build_dataset
-    from pipeline.inputs import check_input
+    from pipeline.segment.inputs import check_input
+    from pipeline.segment.job import SegmentConfig, build_dataset
 
     write_files(str(tmp_path / "images"), {"a.png": GOOD["a.png"]})
-    config = SegmentConfig(check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir)
+    config = SegmentConfig(
+        check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir, load_spec(model_dir)
+    )
     dataset = build_dataset(config, done=None)
     assert sum(int(batch["images"].sum()) for batch in dataset.iter_batches(batch_size=None)) == 1
     stats = dataset.stats()
@@ -325,12 +327,13 @@ def test_listing_is_cut_into_one_decode_task_per_batch(tmp_path, model_dir, ray_
     """Ray Data would gather the listing's small path blocks into one block (one decode task for the
     whole input, no parallel decode, nothing downstream until the listing ends); each batch of
     `batch_size` paths must become its own decode task and its own inference call."""
-    from pipeline.bulk_segmentation import SegmentConfig, build_dataset
-    from pipeline.inputs import check_input
+    from pipeline.segment.inputs import check_input
+    from pipeline.segment.job import SegmentConfig, build_dataset
 
     write_files(str(tmp_path / "images"), {f"{i:02d}.png": png(40, 30, seed=i) for i in range(12)})
     config = SegmentConfig(
-        check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir, batch_size=4
+        check_input(str(tmp_path / "images")), str(tmp_path / "out"), model_dir, load_spec(model_dir),
+        batch_size=4,
     )
     dataset = build_dataset(config, done=None)
     assert sum(int(batch["images"].sum()) for batch in dataset.iter_batches(batch_size=None)) == 12
@@ -552,7 +555,7 @@ def test_a_local_ray_started_by_a_job_serves_its_dashboard_on_localhost_only():
     """`ray_session` without RAY_ADDRESS starts a private Ray whose dashboard binds 127.0.0.1."""
     script = (
         "import ray\n"
-        "from pipeline.ray_runtime import ray_session\n"
+        "from pipeline.cluster.session import ray_session\n"
         "with ray_session(num_cpus=1):\n"
         "    print(ray._private.worker.global_worker.node.address_info['webui_url'])\n"
         "print(ray.is_initialized())\n"

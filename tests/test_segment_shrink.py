@@ -1,7 +1,7 @@
 """The decode-time shrink and the box rescale: a large image through `jobs.segment` gets the
 detections the model gives on the full image in a plain process.
 
-`pipeline.decode` resizes an image larger than the model's input on the CPU task, in uint8, and
+`pipeline.segment.decode` resizes an image larger than the model's input on the CPU task, in uint8, and
 the actor scales the boxes back to the displayed size; in process, torchvision's transform does
 the resize in float and its postprocess the rescale. Both must agree up to the uint8 rounding.
 """

@@ -12,7 +12,7 @@ from torchvision.models import get_model_weights
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from mrcnn import WeightsError, build_model, load_weights, storage
-from mrcnn.categories import Category
+from mrcnn.categories import Category, category_of
 from mrcnn.model_folder import ModelError, load_model, load_spec, save_model_folder, spec_for
 
 CATEGORIES = [Category(id=3, name="circle"), Category(id=7, name="square")]
@@ -80,8 +80,8 @@ def test_torchvision_name_loads_from_the_hub_cache(tmp_path, monkeypatch):
 
     model, spec = load_model("torchvision:maskrcnn_resnet50_fpn")
     assert spec.num_classes == 91 and spec.preset == "r50-fpn"
-    assert spec.category_of(1).name == "person" and spec.category_of(1).id == 1
-    assert spec.category_of(90).name == "toothbrush"
+    assert category_of(spec.categories, 1).name == "person" and category_of(spec.categories, 1).id == 1
+    assert category_of(spec.categories, 90).name == "toothbrush"
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
 
