@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def local_head(home: Path, free_port: Callable[[], int], num_cpus: int = 2) -> I
     """Start the head with HOME=`home`; yields the job API's address. Stops only its own processes."""
     env, args = head_start_command()
     args = [arg for arg in args if arg.split("=")[0] not in REPLACED_FLAGS]
-    dashboard_port = free_port()
+    dashboard_port, agent_port = free_port(), free_port()
     # A short temp dir: Ray's Unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="head-", dir="/tmp")
     log = open(Path(temp_dir) / "ray-start.log", "w+")  # noqa: SIM115 (closed below)
@@ -76,7 +77,7 @@ def local_head(home: Path, free_port: Callable[[], int], num_cpus: int = 2) -> I
             f"--object-manager-port={free_port()}",
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-listen-port={agent_port}",
             f"--metrics-export-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
             f"--num-cpus={num_cpus}",
@@ -89,7 +90,7 @@ def local_head(home: Path, free_port: Callable[[], int], num_cpus: int = 2) -> I
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for_job_api(address, head, home, log)
+        _wait_for_job_api(address, agent_port, head, home, log)
         yield address
     finally:
         # Only this head's processes: `ray stop` would stop every Ray on the machine. A few
@@ -125,18 +126,39 @@ def ray_cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def submit_job(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`ray job submit *args`, sent again while the head answers "No available agent ... please
+    try again later": its job agent has not registered yet (the head waits only 10 s for it, too
+    short on a loaded 2-core machine). That refusal creates no job, so retrying adds none."""
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = ray_cli(home, "job", "submit", *args, **env)
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            return submitted
+        time.sleep(3)
+
+
 def _kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
 
 
-def _wait_for_job_api(address: str, head: subprocess.Popen, home: Path, log) -> None:
+def _wait_for_job_api(address: str, agent_port: int, head: subprocess.Popen, home: Path, log) -> None:
+    """Until the dashboard answers `job list` and the head's job agent (which runs submitted
+    jobs) listens on its port."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if head.poll() is not None:
             log.seek(0)
             raise HeadExited(f"ray start exited with {head.returncode}: {log.read()[-3000:]}")
-        if ray_cli(home, "job", "list", "--address", address, RAY_AUTH_MODE="token").returncode == 0:
+        listed = ray_cli(home, "job", "list", "--address", address, RAY_AUTH_MODE="token")
+        if listed.returncode == 0 and _listens(agent_port):
             return
         time.sleep(2)
     raise RuntimeError("the Ray job API did not come up within 120 s")
+
+
+def _listens(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
+    return False

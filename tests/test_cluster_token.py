@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from local_head import generate_token, local_head, ray_cli, start_fails
+from local_head import generate_token, local_head, ray_cli, start_fails, submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +23,18 @@ def test_the_head_refuses_jobs_without_its_token_and_runs_them_with_it(free_port
     elsewhere.mkdir()
     token = generate_token(home)
     with local_head(home, free_ports) as address:
-        submit = ("job", "submit", "--address", address, *JOB)
+        submit = ("--address", address, *JOB)
 
         # A client that sends no token (no RAY_AUTH_MODE, as in a fresh shell), or a wrong one.
-        anonymous = ray_cli(elsewhere, *submit)
-        wrong = ray_cli(elsewhere, *submit, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="x" * len(token))
+        anonymous = submit_job(elsewhere, *submit)
+        wrong = submit_job(elsewhere, *submit, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="x" * len(token))
         for refused in (anonymous, wrong):
             assert refused.returncode != 0
             assert "the job ran" not in refused.stdout
             assert "authentication" in (refused.stdout + refused.stderr).lower()
 
         # README's client: the token in ~/.ray/auth_token and RAY_AUTH_MODE=token.
-        accepted = ray_cli(home, *submit, RAY_AUTH_MODE="token")
+        accepted = submit_job(home, *submit, RAY_AUTH_MODE="token")
         assert accepted.returncode == 0, accepted.stderr[-3000:]
         assert "the job ran" in accepted.stdout
         # The refused submissions never became jobs.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from local_head import REPO, generate_token, local_head, ray_cli
+from local_head import REPO, generate_token, local_head, ray_cli, submit_job
 
 from pipeline.train.metrics import read_history
 
@@ -179,8 +179,8 @@ def _submit(
     address, home = cluster
     argv = entrypoint.split() if isinstance(entrypoint, str) else entrypoint
     options = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
-    submitted = ray_cli(
-        home, "job", "submit", "--address", address, "--working-dir", str(working_dir), *options,
+    submitted = submit_job(
+        home, "--address", address, "--working-dir", str(working_dir), *options,
         "--no-wait", "--", *argv, RAY_AUTH_MODE="token",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-3000:]
