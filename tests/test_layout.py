@@ -86,7 +86,9 @@ ALLOWED = {
     "pipeline.cluster": {"mrcnn"},
     "pipeline.segment": {"mrcnn", "pipeline.cluster"},
     "pipeline.train": {"mrcnn", "pipeline.cluster"},
-    "jobs": {"mrcnn", "pipeline.cluster", "pipeline.segment", "pipeline.train"},
+    # Reads the output folder the segment wing owns (its schema, its provenance); runs no Ray.
+    "pipeline.results": {"mrcnn", "pipeline.segment"},
+    "jobs": {"mrcnn", "pipeline.cluster", "pipeline.segment", "pipeline.train", "pipeline.results"},
 }
 
 
