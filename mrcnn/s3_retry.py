@@ -73,14 +73,16 @@ def get_object(region: str, path: str) -> bytes:
         raise _as_os_error(error, path) from error
 
 
-def put_object(region: str, path: str, data: bytes) -> None:
-    """Write `data` as the object `bucket/key` in one PUT (atomic: readers see all or nothing)."""
+def put_object(region: str, path: str, data: bytes, content_type: str | None = None) -> None:
+    """Write `data` as the object `bucket/key` in one PUT (atomic: readers see all or nothing);
+    `content_type` is the `Content-Type` S3 serves it with (S3's default: binary/octet-stream)."""
     import botocore.exceptions
 
     bucket, key = split(path)
     client = s3_clients.boto3_client(region)
+    extra = {"ContentType": content_type} if content_type else {}
     try:
-        call(lambda: client.put_object(Bucket=bucket, Key=key, Body=data), f"s3://{path}")
+        call(lambda: client.put_object(Bucket=bucket, Key=key, Body=data, **extra), f"s3://{path}")
     except botocore.exceptions.ClientError as error:
         raise _as_os_error(error, path) from error
 

@@ -127,19 +127,22 @@ def read_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
         raise StorageError(f"{uri}: cannot read ({one_line(error)})") from error
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     """Write `data` so that readers see either nothing or the whole object.
 
-    S3: one PUT, which is atomic (a multipart upload, as atomic, beyond `MAX_SINGLE_PUT_BYTES`).
-    Local disk: a hidden temporary file beside the target, renamed into place (atomic on POSIX).
+    S3: one PUT, which is atomic (a multipart upload, as atomic, beyond `MAX_SINGLE_PUT_BYTES`),
+    served with `content_type` when given (a bucket serving a web page needs `text/html`, SVGs
+    `image/svg+xml`). Local disk: a hidden temporary file beside the target, renamed into place
+    (atomic on POSIX); `content_type` is ignored.
     """
     filesystem, path = resolve(uri)
     try:
         if is_s3(uri) and len(data) <= MAX_SINGLE_PUT_BYTES:
-            s3_retry.put_object(_region_of(path), path, data)
+            s3_retry.put_object(_region_of(path), path, data, content_type)
             return
         if is_s3(uri):
-            with filesystem.open_output_stream(path) as stream:
+            metadata = {"Content-Type": content_type} if content_type else None
+            with filesystem.open_output_stream(path, metadata=metadata) as stream:
                 stream.write(data)
             return
         parent = posixpath.dirname(path)
