@@ -244,7 +244,8 @@ def _train_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
         "--lr", "0.004",
         "--warmup-iters", "50",
     ]  # fmt: skip
-    return argv + ["--amp", training_precision(args)] + (["--use-gpu"] if args.use_gpu else [])
+    verbose = ["--verbose"] if args.verbose else []
+    return argv + ["--amp", training_precision(args)] + (["--use-gpu"] if args.use_gpu else []) + verbose
 
 
 def training_precision(args: argparse.Namespace) -> str:
@@ -266,7 +267,8 @@ def _segment_argv(args: argparse.Namespace, paths: _Paths) -> list[str]:
         "--score-threshold", str(EVALUATION_SCORE_THRESHOLD),
         "--batch-size", "8",
     ]  # fmt: skip
-    return argv + (["--gpus-per-actor", "1"] if args.use_gpu else ["--gpus-per-actor", "0"])
+    verbose = ["--verbose"] if args.verbose else []
+    return argv + (["--gpus-per-actor", "1"] if args.use_gpu else ["--gpus-per-actor", "0"]) + verbose
 
 
 def _evaluate_argv(paths: _Paths) -> list[str]:
