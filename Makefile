@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint lock clean
+.PHONY: setup setup-browser demo test test-fast lint lock clean
 
 setup: $(STAMP)
 
@@ -32,13 +32,22 @@ lock:
 	mv requirements.lock.new requirements.lock
 	rm -rf $(LOCK_VENV)
 
+# Headless Chromium from Debian's packages, for the report's browser test (tests/test_report.py);
+# nothing happens where `chromium` is already on PATH. As root, or through sudo where there is one.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "make setup-browser: chromium is missing; install Debian's chromium package as root" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
 demo: setup
 	$(PY) -m jobs.quickstart --budget-minutes 10
 
-test: setup
+test: setup setup-browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup setup-browser
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
