@@ -24,7 +24,6 @@ its last checkpoint. `--fresh` starts clean.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -33,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -42,12 +40,13 @@ from jobs import segment as segment_job
 from jobs import train as train_job
 from jobs.cli import OneLineParser, bounded
 from mrcnn import storage
-from mrcnn.images import decode_image
-from mrcnn.overlay import draw_instances
 from mrcnn.precision import PRECISIONS
-from mrcnn.rle import rle_to_mask
 from mrcnn.shapes import dataset_uris, generate_shapes
 from pipeline.cluster.session import ray_session
+from pipeline.results.job_record import read_provenance
+from pipeline.results.reading import list_parts
+from pipeline.results.render import OverlayNames, draw_rows, pixel_limit
+from pipeline.results.selection import InstanceFilter, sample_rows
 from pipeline.segment import output
 from pipeline.train.metrics import read_history
 from pipeline.train.run_folder import RunFolder
@@ -281,28 +280,22 @@ def _evaluate_argv(paths: _Paths) -> list[str]:
 
 
 def _draw_overlays(paths: _Paths, count: int) -> str:
+    """`count` overlays of a sample of the segmented rows, drawn by `jobs.render`'s code (only the
+    confident instances), three times enlarged: the shapes images are small."""
     os.makedirs(paths.overlays, exist_ok=True)
-    columns = ["path", "width", "height", "categories", "scores", "boxes", "masks", "error"]
-    rows = list(itertools.islice(output.iter_rows(paths.segments, columns), count))
-    for row in rows:
-        if row["error"] is not None:
+    parts = list_parts(paths.segments)
+    refs = sample_rows(parts, count, 0, InstanceFilter()).refs()
+    limit = pixel_limit(read_provenance(paths.segments))
+    names = OverlayNames("png")
+    drawn = 0
+    for row, overlay, why in draw_rows(parts, refs, InstanceFilter(min_score=OVERLAY_MIN_SCORE), limit):
+        if overlay is None:
+            print(f"quickstart: overlay skipped: {why}", flush=True)
             continue
-        keep = [i for i, score in enumerate(row["scores"]) if score >= OVERLAY_MIN_SCORE]
-        height, width = row["height"], row["width"]
-        masks = (
-            np.stack([rle_to_mask(row["masks"][i], height, width) for i in keep])
-            if keep
-            else (np.zeros((0, height, width), np.uint8))
-        )
-        drawn = draw_instances(
-            decode_image(storage.read_bytes(row["path"])),
-            masks,
-            np.array([row["boxes"][i] for i in keep], np.float32).reshape(-1, 4),
-            [f"{row['categories'][i]} {row['scores'][i]:.2f}" for i in keep],
-        )
-        name = os.path.splitext(os.path.basename(row["path"]))[0] + ".png"
-        drawn.resize((width * 3, height * 3), Image.NEAREST).save(os.path.join(paths.overlays, name))
-    return f"{len(rows)} overlays in {paths.overlays}"
+        enlarged = overlay.resize((overlay.width * 3, overlay.height * 3), Image.NEAREST)
+        enlarged.save(os.path.join(paths.overlays, names(row["path"])))
+        drawn += 1
+    return f"{drawn} overlays in {paths.overlays}"
 
 
 def _summary(paths: _Paths, seconds: float, args: argparse.Namespace) -> dict:
