@@ -71,7 +71,8 @@ def provenance_section(provenance: Provenance) -> str:
     record = provenance.record
     if record is None:
         return "<h2>What made these rows</h2><p>No job record: an output of a version that kept none.</p>"
-    digest = record.get("model_sha256") or ""
+    digest = str(record.get("model_sha256") or "")
+    pixels = record.get("max_pixels")
     completed = (
         _when(provenance.completed_at)
         if provenance.completed_at
@@ -81,7 +82,7 @@ def provenance_section(provenance: Provenance) -> str:
         ("model", f"<code>{e(record.get('model'))}</code>"),
         ("model sha256", f"<code>{e(digest[:16])}</code>"),
         ("score threshold", e(record.get("score_threshold"))),
-        ("max pixels", e(f"{record.get('max_pixels'):,}" if record.get("max_pixels") else "unknown")),
+        ("max pixels", e(f"{pixels:,}" if isinstance(pixels, int) else "unknown")),
         ("precision (--amp)", e(record.get("amp"))),
         ("project version", e(record.get("project_version"))),
         ("first run started", e(_when(provenance.recorded_at))),
