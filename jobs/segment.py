@@ -156,7 +156,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--verbose", action="store_true",
-        help="also show what Ray and the job's workers print (by default it stays in Ray's log files)",
+        help="also show what Ray and the job's workers print (by default it stays in Ray's log files); "
+        "MRCNN_VERBOSE=1 in the environment does the same",
     )  # fmt: skip
 
 

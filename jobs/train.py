@@ -219,7 +219,7 @@ def _long_run_flags(watch) -> None:
     watch.add_argument(
         "--verbose", action="store_true",
         help="also show what Ray and the training workers print (by default it stays in Ray's log "
-        "files; the progress lines show either way)",
+        "files; the progress lines show either way); MRCNN_VERBOSE=1 in the environment does the same",
     )  # fmt: skip
 
 

@@ -12,7 +12,9 @@ The names:
    (`ray.train.v2._internal`): a time budget for placing training workers.
 3. `RAY_TRAIN_ENABLE_PRINT_PATCH` (`ray.train.v2._internal.constants`): plain prints in workers.
 4. `ray.data._internal.execution.execution_callback.ExecutionCallback` and the streaming
-   executor's `_topology`: the idle backoff of Ray Data's scheduling loop.
+   executor's `_topology`: the idle backoff of Ray Data's scheduling loop, and the progress line
+   of a job whose output is not a terminal (its operators' `name`, `metrics.row_outputs_taken`
+   and `num_output_rows_total()`, what Ray Data's own progress bars show).
 5. `ray.init(_system_config={"num_workers_soft_limit": N})`: idle task workers kept alive.
 6. `ray._private.state.state.get_cluster_config()`: the node types an autoscaler v2 can add.
 7. The internal KV key `__autoscaling_status` (`ray._private.ray_constants.
@@ -24,6 +26,13 @@ The names:
    start` ran on this machine and every question waits out its 10 s timeout, which held every
    local training run 12 s at its end. Watch: ray-project/ray `python/ray/dashboard/utils.py`
    (`get_address_for_submission_client`).
+9. `ray._private.worker.global_worker_stdstream_dispatcher` and its `"ray_print_logs"` handler
+   (`ray.init(log_to_driver=True)`), with `ray.experimental.tqdm_ray.RAY_TQDM_MAGIC`: Ray Data's
+   progress bars drawn in a worker (Ray Train's dataset coordinator) reach the driver as marked
+   lines of the worker output Ray forwards; a job keeps those and drops the rest
+   (`pipeline.cluster.job_log`). No public API forwards the bars without everything else the
+   workers print. Watch: ray-project/ray `python/ray/_private/worker.py` (`print_worker_logs`,
+   `connect`) and `python/ray/_private/ray_logging/__init__.py`.
 
 Tests use a few more, which no job runs: Ray's own autoscaler config validation
 (`ray.autoscaler._private`, in `tests/test_cluster_*.py`) and Ray's constants and node info in
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import ray
@@ -136,6 +146,55 @@ def nothing_in_flight(executor) -> bool:
     return bool(topology) and not any(op.num_active_tasks() for op in topology)
 
 
+def operator_progress(executor) -> list[tuple[str, int, int | None]]:
+    """(name, rows put out, rows expected or None) of each operator of a running Ray Data
+    streaming executor (4.), in the plan's order, its input buffer left out; empty before it starts."""
+    topology = getattr(executor, "_topology", None) or {}
+    return [
+        (op.name, op.metrics.row_outputs_taken, op.num_output_rows_total())
+        for op in topology
+        if op.input_dependencies
+    ]
+
+
+PRINT_HANDLER = "ray_print_logs"
+
+
+def is_progress_bar_line(line: str) -> bool:
+    """Whether a line a worker printed is the state of one of Ray's distributed progress bars (9.)."""
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    return RAY_TQDM_MAGIC in line
+
+
+def keep_worker_output(keep) -> Callable[[], None] | None:
+    """Make this driver print only the lines of its workers' output for which `keep(line)` is true
+    (9.); returns the function that restores Ray's printing, or None when this driver prints no
+    worker output (`log_to_driver=False`)."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    original = next((handler for name, handler in dispatcher.handlers if name == PRINT_HANDLER), None)
+    if original is None:
+        return None
+
+    def kept(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if keep(line)]
+        if lines:
+            original({**data, "lines": lines})
+
+    dispatcher.remove_handler(PRINT_HANDLER)
+    dispatcher.add_handler(PRINT_HANDLER, kept)
+
+    def restore() -> None:
+        # Only while ours is still there: `ray.shutdown` removes it, and Ray's would then print
+        # twice after the next `ray.init` adds its own again.
+        if any(handler is kept for _, handler in dispatcher.handlers):
+            dispatcher.remove_handler(PRINT_HANDLER)
+            dispatcher.add_handler(PRINT_HANDLER, original)
+
+    return restore
+
+
 def _torch_backend_class() -> type:
     """Ray Train's torch backend class (1.: `ray.train.torch.config._TorchBackend`, private).
 
@@ -209,6 +268,7 @@ def check_ray_version(training: bool = True) -> None:
     # An attribute the constructor assigns is among the names its code stores.
     if "_topology" not in StreamingExecutor.__init__.__code__.co_names:
         _missing("StreamingExecutor._topology")
+    _check_progress_names()
     from ray._private import ray_constants, state
 
     if not hasattr(state.state, "get_cluster_config"):
@@ -231,6 +291,22 @@ def check_ray_version(training: bool = True) -> None:
     ):
         if getattr(constants, name, None) != value:
             _missing(f"ray.train.v2._internal.constants.{name} == {value!r}")
+
+
+def _check_progress_names() -> None:
+    """The names of 4. that the progress line reads, and those of 9."""
+    from ray._private import worker
+    from ray.data._internal.execution.interfaces.op_runtime_metrics import OpRuntimeMetrics
+    from ray.data._internal.execution.interfaces.physical_operator import PhysicalOperator
+    from ray.experimental import tqdm_ray
+
+    if "row_outputs_taken" not in getattr(OpRuntimeMetrics, "__dataclass_fields__", {}):
+        _missing("OpRuntimeMetrics.row_outputs_taken")
+    if not hasattr(PhysicalOperator, "num_output_rows_total"):
+        _missing("PhysicalOperator.num_output_rows_total")
+    dispatcher = getattr(worker, "global_worker_stdstream_dispatcher", None)
+    if not hasattr(dispatcher, "handlers") or not hasattr(tqdm_ray, "RAY_TQDM_MAGIC"):
+        _missing("ray._private.worker.global_worker_stdstream_dispatcher.handlers")
 
 
 def _missing(name: str) -> None:

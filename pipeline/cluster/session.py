@@ -28,9 +28,10 @@ imports Ray, NumPy and PyTorch again, on the CPUs training needs (figures in BEN
 "Training throughput on 2 cores"). A cluster started with `ray start` sets this on its own command
 line (cluster.yaml).
 
-Either way the job's console keeps to its own lines unless `--verbose` (`pipeline.cluster.job_log`): what
-the workers print stays in Ray's log files. Ray started here is shut down when the `ray_session`
-block ends.
+Either way the job's console keeps to its own lines unless `--verbose` or `MRCNN_VERBOSE=1`
+(`pipeline.cluster.job_log`): what the workers print stays in Ray's log files, but for Ray Data's
+progress bars where stdout is a terminal (`pipeline.cluster.progress`). Ray started here is shut
+down when the `ray_session` block ends.
 """
 
 from __future__ import annotations
@@ -105,18 +106,38 @@ def ray_session(
     """
     import ray
 
-    from pipeline.cluster.job_log import QuietRay
-    from pipeline.cluster.ray_compat import local_system_config
+    from pipeline.cluster.job_log import QuietRay, quiet_ray_init, verbose_requested
+    from pipeline.cluster.progress import bars_on_terminal
 
     joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    verbose = verbose_requested(verbose)
     if ray.is_initialized():
         with QuietRay(verbose):
             yield RaySession(joined_cluster)
         return
-    runtime_env = {"env_vars": forwarded_env()}
     previous_api = os.environ.get(API_SERVER_ENV)
+    with quiet_ray_init(verbose):
+        _init(num_cpus, num_gpus, log_to_driver=verbose or bars_on_terminal())
+    try:
+        with QuietRay(verbose):
+            yield RaySession(joined_cluster)
+    finally:
+        ray.shutdown()
+        if previous_api is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous_api
+
+
+def _init(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool) -> None:
+    """`ray.init`: join `RAY_ADDRESS`, or start a local Ray (module docstring, 2. and 3.)."""
+    import ray
+
+    from pipeline.cluster.ray_compat import local_system_config
+
+    runtime_env = {"env_vars": forwarded_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=verbose)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         port = free_local_port()
         # The state API of this Ray, for this process and its workers (Ray Train's placement-group
@@ -130,18 +151,9 @@ def ray_session(
             dashboard_host=LOCALHOST,
             dashboard_port=port,
             runtime_env=runtime_env,
-            log_to_driver=verbose,
+            log_to_driver=log_to_driver,
             _system_config=local_system_config(LOCAL_WORKERS_SOFT_LIMIT),
         )
-    try:
-        with QuietRay(verbose):
-            yield RaySession(joined_cluster)
-    finally:
-        ray.shutdown()
-        if previous_api is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = previous_api
 
 
 def free_local_port() -> int:

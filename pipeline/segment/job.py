@@ -24,6 +24,8 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
 
 The driver only iterates over those count rows, then checks the output
 (`pipeline.segment.output.summarize`): rows, errors, instances, and that no path appears twice.
+Meanwhile the console shows Ray Data's progress bars, or where stdout is no terminal a line of
+`SegmentProgress` every 30 s (`pipeline.cluster.progress`).
 Exactly-once and resume are described in `pipeline.segment.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resource requirements
@@ -46,6 +48,7 @@ from mrcnn.model_spec import ModelSpec
 from pipeline.cluster.gpu import AUTO
 from pipeline.cluster.job_log import say
 from pipeline.cluster.placement import WaitReport
+from pipeline.cluster.progress import ProgressLines, with_progress_lines
 from pipeline.cluster.ray_errors import actor_could_not_start, cause_line, root_cause
 from pipeline.cluster.shared_storage import StorageMarker
 from pipeline.segment import output
@@ -66,6 +69,12 @@ TARGET_MAX_BLOCK_SIZE = 1 << 20
 # How long a job waits for its first actors' resources by default: an autoscaler launching a GPU
 # node (instance start, image pull, `ray start`) commonly takes 5 to 15 minutes.
 DEFAULT_RESOURCE_TIMEOUT_S = 1200.0
+
+
+class SegmentProgress(ProgressLines):
+    """The job's progress line where its stdout is no terminal (`pipeline.cluster.progress`)."""
+
+    prefix = "segment"
 
 
 class SegmentError(RunError):
@@ -164,7 +173,7 @@ def build_dataset(
     # `plan_actors` checked) start them asynchronously: -1 is Ray Data's "do not wait".
     context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s)) if config.joined_cluster else -1
     try:
-        return _stages(config, done, request)
+        return with_progress_lines(_stages(config, done, request), SegmentProgress)
     finally:
         for name, value in zip(settings, previous, strict=True):
             setattr(context, name, value)
