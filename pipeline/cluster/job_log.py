@@ -4,9 +4,9 @@ By default Ray prints on the driver's terminal whatever any of the job's process
 failing actor's traceback three times over (its stderr, the raylet's "There are infinite
 retries remaining" warning, Ray Data's "Exception occurred ... please open an issue" and its full
 stack trace), Ray Train's failure policy report, every worker's `(pid=...)` prefix, and for every
-dataset its execution plan and, when the output is not a terminal, a 16-line progress report
-every 10 s. A job of ours ends with one line of its own that says what went wrong; Ray's text
-before it buries that line and tells a user to file a Ray bug for a missing weights file. So,
+dataset its execution plan and, when the output is not a terminal, a report of every stage every
+10 s. A job of ours ends with one line of its own that says what went wrong; Ray's text before it
+buries that line and tells a user to file a Ray bug for a missing weights file. So,
 unless the job's `--verbose` (or `MRCNN_VERBOSE=1` in its environment, `verbose_requested`) asks
 for everything:
 - Ray is started or joined with `log_to_driver=False`: what workers print stays in their log

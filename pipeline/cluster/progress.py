@@ -8,12 +8,13 @@ distributed tqdm, `ray.experimental.tqdm_ray`) reach the driver inside the worke
 forwards; of that output the driver keeps only the bars (`pipeline.cluster.job_log`).
 
 Where it is not (a file, a pipe, `ray job submit`'s log, CI), a bar would be a carriage-return
-line per refresh, and Ray Data instead logs a 16-line report of every operator every 10 s: 112 of
-the 185 lines of a 3-minute quickstart. A log reads better with one line per half minute that says
-how many rows each stage has put out (`ProgressLines`: "segment: progress ReadPath 200/200,
-decode_batch 200/200, Segmenter 96/200, finish_batch 0/1 (60 s)"); Ray Data's report goes to its
-`ray-data.log`. Training shows its own progress line every `--log-every` steps either way
-(`pipeline.train.metrics`); its datasets' bars then stay in the coordinator's log file.
+line per refresh, and Ray Data instead logs a report of every operator every 10 s (15 lines for the
+segmentation's five): 105 of the 185 lines of a 3-minute quickstart. A log reads better with one
+line per half minute that says how many rows each stage has put out (`ProgressLines`: "segment:
+progress ReadPath 200/200, StreamingRepartition 200/200, decode_batch 200/200, Segmenter 184/200,
+finish_batch 0/? (30 s)"); Ray Data's report goes to its `ray-data.log`. Training shows its own
+progress line every `--log-every` steps either way (`pipeline.train.metrics`); its datasets' bars
+then stay in the coordinator's log file.
 
 With `--verbose` (or `MRCNN_VERBOSE=1`) Ray's console is as Ray makes it, its report included,
 and `ProgressLines` prints nothing.
