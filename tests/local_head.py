@@ -119,20 +119,23 @@ class HeadExited(RuntimeError):
     """`ray start --head` ended before its job API answered."""
 
 
-def ray_cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def ray_cli(home: Path, *args: str, timeout: float | None = None, **env: str) -> subprocess.CompletedProcess:
     """The `ray` CLI of this environment run with HOME=`home` and the extra `env`."""
     return subprocess.run(
-        [str(BIN / "ray"), *args], env={**client_environment(home), **env}, capture_output=True, text=True
+        [str(BIN / "ray"), *args], env={**client_environment(home), **env}, capture_output=True, text=True,
+        timeout=timeout,
     )
 
 
-def submit_job(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def submit_job(
+    home: Path, *args: str, timeout: float | None = None, **env: str
+) -> subprocess.CompletedProcess:
     """`ray job submit *args`, sent again while the head answers "No available agent ... please
     try again later": its job agent has not registered yet (the head waits only 10 s for it, too
     short on a loaded 2-core machine). That refusal creates no job, so retrying adds none."""
     deadline = time.monotonic() + 120
     while True:
-        submitted = ray_cli(home, "job", "submit", *args, **env)
+        submitted = ray_cli(home, "job", "submit", *args, timeout=timeout, **env)
         if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
             return submitted
         time.sleep(3)

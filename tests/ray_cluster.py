@@ -187,6 +187,11 @@ class FakeAutoscalingCluster:
 
 
 MARKER = "MRCNN_TEST_CLUSTER"
+HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
 
 
 def cluster_environment(extra: dict[str, str] | None) -> dict[str, str]:
@@ -278,6 +283,10 @@ def _serve() -> None:
                         "include_dashboard": False,
                         # Not /tmp/ray, whose "current cluster" file `ray.init()` elsewhere would find.
                         "temp_dir": tempfile.mkdtemp(prefix="mnc-", dir="/tmp"),
+                        # A killed node is declared dead after ~3 s instead of Ray's ~15-30 s
+                        # (5 failed checks 3 s apart, after a 5 s delay): what the tests watch is
+                        # what happens after the death, not how long Ray takes to notice it.
+                        "_system_config": HEALTH_CHECKS,
                     },
                 )
                 nodes["head"] = cluster.head_node
