@@ -90,10 +90,12 @@ def test_every_job_succeeds_under_ray_job_submit(ray_cluster, tmp_path):
         f" --json {scores}",
     )
     stats = json.loads(scores.read_text())
-    # The same model, threshold (0.05, the model's own) and images as the run's validation.
+    # The same model, threshold (0.05, the model's own), precision and images as the run's
+    # validation: jobs.segment + jobs.evaluate give exactly the AP the training reported.
     reported = read_history(str(run / "metrics.jsonl"))[-1]
     for iou_type in ("bbox", "segm"):
-        assert stats[iou_type]["AP"] == reported[iou_type]["AP"], iou_type
+        for name in ("AP", "AP50", "AR100"):
+            assert stats[iou_type][name] == reported[iou_type][name], (iou_type, name)
 
 
 def test_gpus_a_cpu_only_cluster_can_never_give_end_each_job_at_once_in_one_line(
