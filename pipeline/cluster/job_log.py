@@ -122,7 +122,12 @@ def _quiet_ray_data_console() -> Callable[[], None]:
     console = _RayDataConsole()
     for handler in handlers:
         handler.addFilter(console)
-    return lambda: [handler.removeFilter(console) for handler in handlers]
+
+    def remove() -> None:
+        for handler in handlers:
+            handler.removeFilter(console)
+
+    return remove
 
 
 class _NativeLogFilter:
