@@ -98,8 +98,8 @@ def _actor_flags(parser: argparse.ArgumentParser) -> None:
         type=bounded(float, 0.0, above=True),
         default=None,
         help="CPUs per inference actor, and its torch threads (default: on a local Ray, its CPUs "
-        "but two shared among the actors, which leaves two for the listing, decode and RLE tasks: "
-        "1 with the default --actors; on a cluster or with GPUs, 1)",
+        "but three shared among the actors, which leaves one each for the listing's cut, decode "
+        "and RLE tasks: 1 with the default --actors; on a cluster or with GPUs, 1)",
     )
 
 
@@ -151,7 +151,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         type=bounded(int, 1),
         default=None,
         help="logical CPUs of the local Ray started when RAY_ADDRESS is not set (default: the "
-        "machine's cores plus two, so that the listing, decode and RLE tasks run beside actors "
+        "machine's cores plus three, so that the listing's cut, decode and RLE tasks run beside actors "
         "that use every core)",
     )
     parser.add_argument(

@@ -12,10 +12,13 @@ How many CPUs a segmentation job's local Ray gets, and how its inference actors 
 Defaults for the machine a job starts its own Ray on, where a user types no tuning flag. Ray's CPUs
 are logical: the local Ray gets `TASK_CPUS` more than the machine has cores, and the actors take
 every CPU but those, which run the listing's cut into batches and the short decode and RLE +
-commit tasks between the actors' forwards. Two, not one: with one, the task that cuts the
-listing into batches held it while the decode tasks waited for it, and the actors sat idle until
-the whole listing was cut (BENCHMARKS.md, "Start-up of the whole command and one actor per
-core").
+commit tasks between the actors' forwards: one for each of those three stages. Ray Data reserves
+one task's CPUs for every stage in pipeline order and a stage it cannot reserve for waits until
+a stage upstream has finished. With one, the decode tasks waited for the whole listing to be
+cut while the actors sat idle (BENCHMARKS.md, "Start-up of the whole command and one actor per
+core"); with two, the RLE + commit stage did, so that no file was committed before every input
+had been listed and cut: a kill then lost every row segmented so far, and a re-run with half the
+rows done committed its first file after 86 s (BENCHMARKS.md, "At scale (issue 25)").
 
 How the actors share the cores: one actor per core, each running torch on one thread, as many as
 memory holds (`actor_memory_bytes`); fewer actors take more CPUs and threads each. Separate
@@ -41,7 +44,7 @@ from pipeline.cluster.job_log import say, warn
 from pipeline.cluster.placement import auto_gpus, require_placement
 
 # Logical CPUs of a local Ray left to the tasks beside the inference actors.
-TASK_CPUS = 2
+TASK_CPUS = 3
 
 # Peak resident memory of a CPU inference actor: the process with torch and the model before its
 # first forward, plus the forward's activations per input pixel of a batch. Rounded up from the
