@@ -25,7 +25,10 @@ Stages (Ray Data, streaming end to end, memory bounded by Ray Data's backpressur
 The driver only iterates over those count rows, then checks the output
 (`pipeline.segment.output.summarize`): rows, errors, instances, and that no path appears twice.
 Meanwhile the console shows Ray Data's progress bars, or where stdout is no terminal a line of
-`SegmentProgress` every 30 s (`pipeline.cluster.progress`).
+`SegmentProgress` every 30 s (`pipeline.cluster.progress`). The driver's memory does not grow with
+the inputs: Ray Data's per-block stats are cut to a bound (`pipeline.cluster.ray_compat.
+BoundedBlockStats`) and the listing is cut into batches only a few hundred ahead of the decode
+tasks (`CutAhead`); figures in BENCHMARKS.md, "At scale (issue 25)".
 Exactly-once and resume are described in `pipeline.segment.output`.
 
 Ray Data fuses a task stage into the actor stage that follows it when their resource requirements
@@ -49,6 +52,7 @@ from pipeline.cluster.gpu import AUTO
 from pipeline.cluster.job_log import say
 from pipeline.cluster.placement import WaitReport
 from pipeline.cluster.progress import ProgressLines, with_progress_lines
+from pipeline.cluster.ray_compat import BoundedBlockStats, QueuedBlocksCap, add_backpressure_policy
 from pipeline.cluster.ray_errors import actor_could_not_start, cause_line, root_cause
 from pipeline.cluster.shared_storage import StorageMarker
 from pipeline.segment import output
@@ -75,6 +79,14 @@ class SegmentProgress(ProgressLines):
     """The job's progress line where its stdout is no terminal (`pipeline.cluster.progress`)."""
 
     prefix = "segment"
+
+
+class CutAhead(QueuedBlocksCap):
+    """The cut of the listing into batches waits while `pipeline.cluster.ray_compat.MAX_QUEUED_BLOCKS`
+    batches wait for a decode task: its blocks are paths, which no byte budget of Ray Data's
+    would stop before the whole listing was cut, one driver-side reference per batch."""
+
+    names = ("StreamingRepartition",)
 
 
 class SegmentError(RunError):
@@ -173,7 +185,13 @@ def build_dataset(
     # `plan_actors` checked) start them asynchronously: -1 is Ray Data's "do not wait".
     context.wait_for_min_actors_s = max(1, round(config.resource_timeout_s)) if config.joined_cluster else -1
     try:
-        return with_progress_lines(_stages(config, done, request), SegmentProgress)
+        dataset = with_progress_lines(_stages(config, done, request), SegmentProgress)
+        # The driver's memory bounded whatever the number of inputs: Ray Data would keep the
+        # stats of every block on it (`pipeline.cluster.ray_compat.BoundedBlockStats`).
+        classes = dataset.context.custom_execution_callback_classes
+        dataset.context.custom_execution_callback_classes = [*classes, BoundedBlockStats]
+        add_backpressure_policy(dataset.context, CutAhead)
+        return dataset
     finally:
         for name, value in zip(settings, previous, strict=True):
             setattr(context, name, value)

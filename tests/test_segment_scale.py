@@ -1,0 +1,64 @@
+"""What keeps a segmentation job's driver flat over millions of inputs (issue 25), checked on a few.
+
+Ray Data keeps the stats of every block each operator puts out on the driver for the whole run;
+the job keeps the last `pipeline.cluster.ray_compat.KEPT_BLOCK_STATS` of each. Here the bound is
+lowered so that a run of a few dozen images exceeds it many times over: the driver must then hold
+the same number of block stats whatever the number of inputs. Figures at scale: BENCHMARKS.md
+"At scale (issue 25)" (`benchmarks/scale.py`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from jobs import segment as segment_job
+from pipeline.cluster import ray_compat
+
+
+def write_pngs(folder: str, count: int) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for index in range(count):
+        pixels = np.random.default_rng(index).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        with open(os.path.join(folder, f"{index:03d}.png"), "wb") as file:
+            file.write(buffer.getvalue())
+
+
+def held_block_stats(tmp_path, model_dir, monkeypatch, count: int) -> tuple[int, int]:
+    """(most block stats the driver held at once, blocks put out) over a run of `count` images,
+    with `KEPT_BLOCK_STATS` lowered to 2."""
+    monkeypatch.setattr(ray_compat, "KEPT_BLOCK_STATS", 2)
+    seen = {"held": 0, "blocks": 0}
+    trim = ray_compat.trim_block_stats
+
+    def recording_trim(executor, keep):
+        blocks = sum(op.metrics.num_outputs_taken for op in executor._topology)
+        seen["blocks"] = max(seen["blocks"], blocks)
+        held = trim(executor, keep)
+        seen["held"] = max(seen["held"], held)
+        return held
+
+    monkeypatch.setattr(ray_compat, "trim_block_stats", recording_trim)
+    images, output = str(tmp_path / f"images-{count}"), str(tmp_path / f"out-{count}")
+    write_pngs(images, count)
+    argv = ["--input", images, "--output", output, "--model", model_dir, "--batch-size", "1",
+            "--rows-per-file", "2"]  # fmt: skip
+    assert segment_job.main(argv) == 0
+    return seen["held"], seen["blocks"]
+
+
+def test_the_driver_holds_a_bounded_number_of_block_stats_whatever_the_inputs(
+    tmp_path, model_dir, ray_local, monkeypatch
+):
+    held, blocks = held_block_stats(tmp_path, model_dir, monkeypatch, 40)
+    # Five operators put out one block per image or more (read, cut, decode, inference) and one
+    # per file; of their stats the driver held at most twice the bound per operator (a list is
+    # cut once it reaches twice the bound), not one per block.
+    operators = 6
+    assert blocks >= 3 * 40
+    assert held <= 2 * 2 * operators < blocks / 4
