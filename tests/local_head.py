@@ -127,16 +127,21 @@ def ray_cli(home: Path, *args: str, timeout: float | None = None, **env: str) ->
     )
 
 
+# What the CLI prints when the head could not take a submission at all; the submission is no job.
+NOT_TAKEN = ("No available agent", "Failed to connect to Ray at address")
+
+
 def submit_job(
     home: Path, *args: str, timeout: float | None = None, **env: str
 ) -> subprocess.CompletedProcess:
-    """`ray job submit *args`, sent again while the head answers "No available agent ... please
-    try again later": its job agent has not registered yet (the head waits only 10 s for it, too
-    short on a loaded 2-core machine). That refusal creates no job, so retrying adds none."""
+    """`ray job submit *args`, sent again while the head could not take it: "No available agent
+    ... please try again later" (its job agent has not registered yet; the head waits only 10 s
+    for it, too short on a loaded 2-core machine) or no answer from the dashboard at all. Neither
+    creates a job, so retrying adds none."""
     deadline = time.monotonic() + 120
     while True:
         submitted = ray_cli(home, "job", "submit", *args, timeout=timeout, **env)
-        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+        if not any(sign in submitted.stderr for sign in NOT_TAKEN) or time.monotonic() > deadline:
             return submitted
         time.sleep(3)
 
