@@ -48,7 +48,7 @@ from mrcnn.coco import read_coco
 from mrcnn.errors import UserError, one_line
 from mrcnn.model_spec import load_spec
 from mrcnn.orientation import boxes_to_stored, exif_orientation, mask_to_stored, stored_size
-from pipeline.results.staged_file import staged
+from pipeline.results.publish import staged
 from pipeline.segment import output, provenance
 
 FORMATS = ("coco", "coco-results")
