@@ -36,7 +36,7 @@ The names:
 10. `MapOperator._output_blocks_stats` (`ray.data._internal.execution.operators.map_operator`):
    the stats of every block a map operator puts out, kept on the driver for the whole execution
    (for `Dataset.stats()`), about 1.1 KB per block: 0.85 KB per image in the segmentation
-   dataset, 8 GB at 10 million. `BoundedBlockStats` keeps the last `KEPT_BLOCK_STATS` of each
+   dataset, 8.6 GB at 10 million. `BoundedBlockStats` keeps the last `KEPT_BLOCK_STATS` of each
    operator; no setting turns the list off. Watch: ray-project/ray `python/ray/data/_internal/
    execution/operators/map_operator.py` (`_get_next_inner`, `get_stats`).
 11. `ray.data._internal.execution.backpressure_policy` (`BackpressurePolicy`, the enabled list
