@@ -62,3 +62,31 @@ def test_the_driver_holds_a_bounded_number_of_block_stats_whatever_the_inputs(
     operators = 6
     assert blocks >= 3 * 40
     assert held <= 2 * 2 * operators < blocks / 4
+
+
+def test_the_listing_is_cut_only_a_few_batches_ahead_of_decode(tmp_path, model_dir, ray_local, monkeypatch):
+    """Blocks of paths weigh nothing in Ray Data's byte budgets: without `CutAhead` the cut puts
+    out a batch per input long before decode takes them, one driver-side reference each."""
+    from pipeline.segment import job
+
+    # A listing block of a few paths (not 1 MiB), so that the cut runs as many small tasks, and
+    # a bound of 2 waiting batches.
+    monkeypatch.setattr(job, "TARGET_MAX_BLOCK_SIZE", 256)
+    monkeypatch.setattr(ray_compat, "MAX_QUEUED_BLOCKS", 2)
+    seen: list[int] = []
+    count = ray_compat.queued_blocks
+
+    def recording_count(topology, op):
+        queued = count(topology, op)
+        seen.append(queued)
+        return queued
+
+    monkeypatch.setattr(ray_compat, "queued_blocks", recording_count)
+    images, output = str(tmp_path / "images"), str(tmp_path / "out")
+    write_pngs(images, 40)
+    argv = ["--input", images, "--output", output, "--model", model_dir, "--batch-size", "1"]
+    assert segment_job.main(argv) == 0
+    # The cut was held back (the policy ran), and never had more than the bound plus what its
+    # running tasks put out (a listing block of 256 bytes holds a few paths) waiting.
+    assert seen and max(seen) >= 2
+    assert max(seen) <= 2 + 2 * 8 < 40
