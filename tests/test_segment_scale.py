@@ -3,7 +3,9 @@
 Ray Data keeps the stats of every block each operator puts out on the driver for the whole run;
 the job keeps the last `pipeline.cluster.ray_compat.KEPT_BLOCK_STATS` of each. Here the bound is
 lowered so that a run of a few dozen images exceeds it many times over: the driver must then hold
-the same number of block stats whatever the number of inputs. Figures at scale: BENCHMARKS.md
+the same number of block stats whatever the number of inputs. Likewise the cut of the listing
+into batches (`pipeline.segment.job.CutAhead`) runs only a bounded number of batches ahead of
+decode, each a reference held on the driver. Figures at scale: BENCHMARKS.md
 "At scale (issue 25)" (`benchmarks/scale.py`).
 """
 
