@@ -374,12 +374,10 @@ def _match(path: str, index: dict[str, dict], by_suffix: bool) -> dict | None:
 
 def _job_record(predictions_uri: str) -> dict:
     """The output's `_JOB.json`, or {} for an output of a version that wrote none."""
-    uri = storage.join(predictions_uri, provenance.JOB_FILE)
     try:
-        return json.loads(storage.read_bytes(uri))
-    except storage.ObjectMissing:
-        return {}
+        return provenance.read_record(predictions_uri) or {}
     except ValueError as error:
+        uri = storage.join(predictions_uri, provenance.JOB_FILE)
         raise ExportError(f"{uri}: not a job record ({error})") from error
 
 

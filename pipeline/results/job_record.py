@@ -4,7 +4,6 @@ and when it was written, and when the success marker (`pipeline.segment.output`)
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -25,16 +24,13 @@ class Provenance:
 
 def read_provenance(predictions_uri: str) -> Provenance:
     """The `Provenance` of the output at `predictions_uri`."""
-    record_uri = storage.join(predictions_uri, provenance.JOB_FILE)
-    recorded_at = _modified(record_uri)
-    record = None
-    if recorded_at is not None:
-        try:
-            record = json.loads(storage.read_bytes(record_uri))
-        except ValueError:
-            record = None  # not a record: the page says there is none
+    recorded_at = _modified(storage.join(predictions_uri, provenance.JOB_FILE))
+    try:
+        record = provenance.read_record(predictions_uri)
+    except ValueError:
+        record = None  # not a record: the page says there is none
     completed_at = _modified(storage.join(predictions_uri, output.SUCCESS_FILE))
-    return Provenance(record if isinstance(record, dict) else None, recorded_at, completed_at)
+    return Provenance(record, recorded_at, completed_at)
 
 
 def _modified(uri: str) -> dt.datetime | None:

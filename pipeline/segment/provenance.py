@@ -83,6 +83,19 @@ def job_record(model_uri: str, score_threshold: float, max_pixels: int, amp: str
     }
 
 
+def read_record(output_uri: str) -> dict | None:
+    """`OUTPUT/_JOB.json` as written; None when the output has none. Raises `ValueError` when the
+    file is not a JSON object, `storage.StorageError` when it cannot be read."""
+    try:
+        data = storage.read_bytes(storage.join(output_uri, JOB_FILE))
+    except storage.ObjectMissing:
+        return None
+    record = json.loads(data)
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
 def check_output(output_uri: str, record: dict) -> dict | None:
     """The `OUTPUT/_JOB.json` record when its settings match `record`; None when there is none.
 
@@ -91,13 +104,13 @@ def check_output(output_uri: str, record: dict) -> dict | None:
     `ProvenanceMismatch` when the settings differ and `storage.StorageError` when the output
     cannot be read.
     """
-    uri = storage.join(output_uri, JOB_FILE)
-    if not storage.exists(uri):
-        return None
     try:
-        previous = json.loads(storage.read_bytes(uri))
+        previous = read_record(output_uri)
     except ValueError as error:
+        uri = storage.join(output_uri, JOB_FILE)
         raise ProvenanceMismatch(f"{uri}: not a job record ({error}); write to a new --output") from error
+    if previous is None:
+        return None
     differences = [name for name in COMPARED if not _same(name, previous.get(name), record[name])]
     if differences:
         named = ", ".join(
