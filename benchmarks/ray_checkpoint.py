@@ -296,8 +296,9 @@ def run_driver(arm: str, args: list[str], out: str, checkpoint: str, kill_after:
     if driver.returncode != 0:
         with open(logs + ".err") as stderr:
             raise SystemExit(f"{arm} driver failed ({logs}.err):\n{stderr.read()[-3000:]}")
-    with open(logs + ".out") as stdout:
-        return {**result, **json.loads(stdout.read().strip().splitlines()[-1])}
+    with open(logs + ".out") as stdout:  # Ray's log deduplication can print after the result
+        line = [line for line in stdout.read().splitlines() if line.startswith("{")][-1]
+    return {**result, **json.loads(line)}
 
 
 def orphans(arm: str, out: str, checkpoint: str) -> dict:
@@ -337,14 +338,16 @@ def prepare(workdir: str, inputs: int, done: int, batch_size: int, cpus: int) ->
     write_manifest(manifest, inputs)
     write_done(os.path.join(workdir, f"done-set-{done}", "out"), (manifest_path(i) for i in range(done)))
     base = os.path.join(workdir, f"ray-{done}-b{batch_size}")
-    made: dict = {}
-    if not os.path.exists(os.path.join(base, ".complete")):
+    made = os.path.join(base, "made.json")
+    if not os.path.exists(made):
         shutil.rmtree(base, ignore_errors=True)
         out, checkpoint = os.path.join(base, "out"), os.path.join(base, "checkpoint")
         args = [manifest, out, checkpoint, str(batch_size), str(cpus), str(done)]
-        made = run_driver("ray", args, out, checkpoint)
-        open(os.path.join(base, ".complete"), "w").close()
-    return manifest, made
+        result = run_driver("ray", args, out, checkpoint)
+        with open(made, "w") as file:
+            json.dump(result, file)
+    with open(made) as file:
+        return manifest, json.load(file)
 
 
 def arm_args(arm: str, manifest: str, run: str, batch_size: int, cpus: int) -> tuple[list[str], str, str]:
@@ -394,8 +397,7 @@ def report(results: dict, made: dict, args: argparse.Namespace) -> None:
     a, b = results["done-set"], results["ray"]
     remaining = args.inputs - args.done
     print(f"\n{args.inputs:,} inputs, {args.done:,} done, batch {args.batch_size}, Ray of {args.cpus} CPUs")
-    if made:
-        print(f"(b)'s checkpoint made by its pipeline over the first {args.done:,}: {made['seconds']:.0f} s")
+    print(f"(b)'s checkpoint made by its pipeline over the first {args.done:,}: {made['seconds']:.0f} s")
     rows = [
         ("driver peak RSS (VmHWM)", of_resume("driver_mib", ".0f", " MiB")),
         ("read task peak RSS", of_resume("read_peak_mib", ".0f", " MiB")),
