@@ -23,6 +23,15 @@ processes as a plain torch DDP job (gloo on 127.0.0.1: the gradient all-reduce e
 `jobs.train` runs 2 DDP workers with its default CPU share (so that Ray Data keeps a slot to
 decode in; `--threads 1` is then what each worker gets). The headline compares `jobs.train` with
 plain DDP, which is what Ray Train, Ray Data and the collate add; `ddp_cost` is DDP's own.
+
+Where the difference goes: during `jobs.train`'s last epoch every process on the machine is
+sampled once a second (`/proc/<pid>/stat`: its CPU time and its process title, which Ray sets to
+the actor or task it runs) and its CPU-seconds are summed by role: the training workers, Ray
+Data's tasks (read, decode), Ray Data's coordinators (split coordinator, dataset manager, stats
+actor), Ray Train's controller, the driver, Ray's own daemons (raylet, GCS, dashboard and its
+agents), and the rest of the machine. On a machine whose cores are all busy, what the workers do
+not get is what their steps wait for: the share of the CPU left to the workers bounds the step
+time that the plain loops, which have the whole CPU, can be beaten by.
 """
 
 from __future__ import annotations
@@ -133,40 +142,124 @@ def plain_loop(
     return images_per_second
 
 
-def ray_train(annotations: str, images: str, output: str, args: argparse.Namespace) -> float:
-    """Images/s of the last epoch of `jobs.train` (from its metrics.jsonl)."""
+# Process titles (the 15 characters of `/proc/<pid>/stat`'s comm) by role, first match wins.
+ROLES = (
+    ("training workers", ("ray::RayTrainWo",)),
+    ("Ray Train controller", ("ray::TrainContr",)),
+    ("Ray Data coordinators", ("ray::SplitCoord", "ray::DatasetMan", "ray::_StatsActo", "ray::Autoscalin")),
+    (
+        "Ray daemons",
+        ("raylet", "gcs_server", "ray::DashboardA", "ray::RuntimeEnv", "ray::_Relay", "ray-dashboard"),
+    ),
+    ("Ray Data tasks", ("ray::",)),
+)
+
+
+def role_of(comm: str, pid: int, driver: int) -> str:
+    if pid == driver:
+        return "driver"
+    return next((role for role, prefixes in ROLES if comm.startswith(prefixes)), "rest of the machine")
+
+
+def cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """Every process's title and CPU-seconds so far (user + system)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        found[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+def machine_busy_seconds() -> float:
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def ray_train(
+    annotations: str, images: str, output: str, args: argparse.Namespace
+) -> tuple[float, dict[str, float], float]:
+    """Images/s of the last epoch of `jobs.train` (from its metrics.jsonl), the CPU-seconds each
+    role spent during that epoch and the epoch's wall seconds (see the module docstring)."""
     workers = ["--num-workers", str(args.workers)]
     if args.workers == 1:
         workers += ["--cpus-per-worker", str(args.threads)]
     command = [
-        sys.executable, "-m", "jobs.train", "--train-annotations", annotations, "--train-images", images,
-        "--output", output, "--preset", args.preset, *workers, "--batch-size", str(args.batch_size),
-        "--epochs", str(args.epochs), "--lr", str(FROZEN_LR), "--warmup-iters", "0",
-        "--num-cpus", str(os.cpu_count()), *(["--amp"] if args.amp else []),
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--train-annotations",
+        annotations,
+        "--train-images",
+        images,
+        "--output",
+        output,
+        "--preset",
+        args.preset,
+        *workers,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(FROZEN_LR),
+        "--warmup-iters",
+        "0",
+        "--num-cpus",
+        str(os.cpu_count()),
+        *(["--amp"] if args.amp else []),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"jobs.train failed:\n{result.stderr[-3000:]}")
-    last = read_history(storage.join(output, "metrics.jsonl"))[-1]
-    return float(last["images_per_second"])
+    metrics = storage.join(output, "metrics.jsonl")
+    with tempfile.TemporaryFile("w+") as err:
+        driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        start = end = None  # (time, machine busy seconds, per-process CPU) at the epoch's ends
+        while driver.poll() is None:
+            done = len(read_history(metrics)) if os.path.exists(metrics) else 0
+            if start is None and done == args.epochs - 1:
+                start = (time.perf_counter(), machine_busy_seconds(), cpu_by_pid())
+            elif start is not None and done < args.epochs:
+                end = (time.perf_counter(), machine_busy_seconds(), cpu_by_pid())
+            time.sleep(1.0)
+        if driver.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"jobs.train failed:\n{err.read()[-3000:]}")
+    last = read_history(metrics)[-1]
+    by_role: dict[str, float] = {}
+    if start and end:
+        for pid, (comm, seconds) in end[2].items():
+            spent = seconds - start[2].get(pid, (comm, 0.0))[1]
+            role = role_of(comm, pid, driver.pid)
+            by_role[role] = by_role.get(role, 0.0) + spent
+        by_role["machine busy"] = end[1] - start[1]
+    return float(last["images_per_second"]), by_role, (end[0] - start[0]) if start and end else 0.0
 
 
 def main() -> None:
     args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as root:
         data = generate_shapes(os.path.join(root, "shapes"), args.images, seed=0, size=128)
-        best_plain, best_ddp, best_train = 0.0, 0.0, 0.0
+        best_plain, best_ddp, best_train, profile = 0.0, 0.0, 0.0, ({}, 0.0)
         for turn in range(args.rounds):
             shapes = (data.annotations_uri, data.images_root)
             plain = plain_loops(*shapes, args, ddp=False)
             ddp = plain_loops(*shapes, args, ddp=True) if args.workers > 1 else plain
-            train = ray_train(*shapes, os.path.join(root, f"run{turn}"), args)
+            train, by_role, seconds = ray_train(*shapes, os.path.join(root, f"run{turn}"), args)
             print(
                 f"round {turn + 1}: plain loop(s) {plain:.2f} images/s, plain DDP {ddp:.2f} images/s, "
                 f"jobs.train {train:.2f} images/s"
             )
             best_plain, best_ddp = max(best_plain, plain), max(best_ddp, ddp)
-            best_train = max(best_train, train)
+            if train > best_train:
+                best_train, profile = train, (by_role, seconds)
     steps = math.ceil(args.images / args.workers / args.batch_size)
     print(
         f"preset {args.preset}, {args.images} images of 128 px, batch {args.batch_size}, "
@@ -183,6 +276,18 @@ def main() -> None:
         f"jobs.train, {args.workers} worker(s): {best_train:.2f} images/s "
         f"({total_batch / best_train:.3f} s/step)"
     )
+    by_role, seconds = profile
+    if seconds:
+        cores = os.cpu_count() or 1
+        print(
+            f"jobs.train's last epoch, CPU by role ({seconds:.1f} s of {cores} cores, sampled each second):"
+        )
+        for role, spent in sorted(by_role.items(), key=lambda item: -item[1]):
+            print(f"  {role:24s} {spent:7.1f} CPU-s  {spent / (seconds * cores):6.1%} of the machine")
+        workers = by_role.get("training workers", 0.0)
+        if workers:
+            share = workers / (seconds * cores)
+            print(f"cpu_left_to_workers: {share:.3f} (1 / that: {1 / share:.3f})")
     print(f"overhead: {best_ddp / best_train:.3f}")
 
 
