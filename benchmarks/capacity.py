@@ -54,6 +54,7 @@ import yaml  # noqa: E402
 from mask_postprocess import BOX_SIDES, make_detections  # noqa: E402
 from photos import photos  # noqa: E402
 from PIL import Image  # noqa: E402
+from proc_cpu import processes  # noqa: E402
 
 from jobs.cli import OneLineParser, bounded  # noqa: E402
 from mrcnn.categories import Category  # noqa: E402
@@ -186,28 +187,17 @@ def post_cost(batch: dict, output_uri: str, rounds: int) -> float:
 def tree_cpu_seconds() -> float:
     """CPU seconds (user and system) of this process and all its live descendants, with the
     children each of them has reaped: every process a local Ray started, whatever else runs."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parent, spent = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parent[int(entry)] = int(fields[1])
-        spent[int(entry)] = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    table = processes()
     mine, frontier = {os.getpid()}, [os.getpid()]
     children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, process in table.items():
+        children.setdefault(process.parent, []).append(pid)
     while frontier:
         for child in children.get(frontier.pop(), []):
             if child not in mine:
                 mine.add(child)
                 frontier.append(child)
-    return sum(spent.get(pid, 0) for pid in mine) / ticks
+    return sum(table[pid].seconds + table[pid].reaped_seconds for pid in mine if pid in table)
 
 
 class StandIn:

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import scale
+from proc_cpu import machine_busy_seconds, processes
 
 from jobs.cli import OneLineParser, bounded
 
@@ -72,14 +73,6 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--workdir", default="/tmp/pipeline-ceiling")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
-
-
-def busy_seconds() -> float:
-    """The machine's busy CPU-seconds since boot (all cores)."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> str:
@@ -183,20 +176,7 @@ def run_job(images: str, out: str, model: str) -> dict:
 def session_cpu(session: int) -> dict[int, tuple[str, float]]:
     """User + system CPU-seconds so far of each live process of `session` (the job's driver and
     the Ray it started), with its name."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                text = stat.read()
-        except OSError:
-            continue
-        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
-        if int(fields[3]) == session:
-            found[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick)
-    return found
+    return {pid: (p.name, p.seconds) for pid, p in processes().items() if p.session == session}
 
 
 def by_kind(seen: dict[int, tuple[str, float]], driver: int) -> dict[str, float]:
@@ -218,9 +198,9 @@ def timed_run(workdir: str, model: str, count: int) -> dict:
     images = scale.tiny_images(workdir, count)
     out = os.path.join(workdir, f"out-{count}")
     shutil.rmtree(out, ignore_errors=True)
-    busy = busy_seconds()
+    busy = machine_busy_seconds()
     result = run_job(images, out, model)
-    result["cpu"] = busy_seconds() - busy
+    result["cpu"] = machine_busy_seconds() - busy
     return result
 
 

@@ -49,6 +49,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from proc_cpu import machine_busy_seconds, processes
 
 from mrcnn import build_model, storage
 from mrcnn.coco import build_target, read_coco
@@ -161,30 +162,6 @@ def role_of(comm: str, pid: int, driver: int) -> str:
     return next((role for role, prefixes in ROLES if comm.startswith(prefixes)), "rest of the machine")
 
 
-def cpu_by_pid() -> dict[int, tuple[str, float]]:
-    """Every process's title and CPU-seconds so far (user + system)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                text = stat.read()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text[text.rindex(")") + 2 :].split()
-        found[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / ticks)
-    return found
-
-
-def machine_busy_seconds() -> float:
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def ray_train(
     annotations: str, images: str, output: str, args: argparse.Namespace
 ) -> tuple[float, dict[str, float], float]:
@@ -225,9 +202,9 @@ def ray_train(
         while driver.poll() is None:
             done = len(read_history(metrics)) if os.path.exists(metrics) else 0
             if start is None and done == args.epochs - 1:
-                start = (time.perf_counter(), machine_busy_seconds(), cpu_by_pid())
+                start = (time.perf_counter(), machine_busy_seconds(), processes())
             elif start is not None and done < args.epochs:
-                end = (time.perf_counter(), machine_busy_seconds(), cpu_by_pid())
+                end = (time.perf_counter(), machine_busy_seconds(), processes())
             time.sleep(1.0)
         if driver.returncode != 0:
             err.seek(0)
@@ -235,9 +212,10 @@ def ray_train(
     last = read_history(metrics)[-1]
     by_role: dict[str, float] = {}
     if start and end:
-        for pid, (comm, seconds) in end[2].items():
-            spent = seconds - start[2].get(pid, (comm, 0.0))[1]
-            role = role_of(comm, pid, driver.pid)
+        for pid, process in end[2].items():
+            before = start[2].get(pid)
+            spent = process.seconds - (before.seconds if before else 0.0)
+            role = role_of(process.name, pid, driver.pid)
             by_role[role] = by_role.get(role, 0.0) + spent
         by_role["machine busy"] = end[1] - start[1]
     return float(last["images_per_second"]), by_role, (end[0] - start[0]) if start and end else 0.0
