@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from urllib.parse import urlparse
@@ -38,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from s3_proxy import KINDS, FlakyS3Proxy, kind_of  # noqa: E402
+from s3_throttling import run_through  # noqa: E402
 
 from jobs.cli import OneLineParser, bounded  # noqa: E402
 
@@ -78,11 +77,7 @@ def segment_run(upstream: str, bucket: str, output: str, model: str) -> dict:
     argv = [sys.executable, "-m", "jobs.segment", "--input", f"s3://{bucket}/photos", "--output", output,
             "--model", model]  # fmt: skip
     with FlakyS3Proxy(upstream) as proxy:
-        env = {**os.environ, "PYTHONPATH": os.getcwd(), "AWS_ENDPOINT_URL": proxy.url}
-        env.pop("RAY_ADDRESS", None)
-        started = time.perf_counter()
-        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
-        seconds = time.perf_counter() - started
+        seconds, result = run_through(proxy, argv, timeout=3600)
     if result.returncode != 0:
         raise SystemExit(f"jobs.segment failed: {result.stderr[-2000:]}")
     by_target: Counter[tuple[str, str]] = Counter()

@@ -104,6 +104,18 @@ def storage_costs(upstream: str, bucket: str, count: int, rounds: int) -> dict:
     return {"seconds": best, "requests": requests}
 
 
+def run_through(
+    proxy: FlakyS3Proxy, argv: list[str], timeout: float
+) -> tuple[float, subprocess.CompletedProcess]:
+    """Run the command `argv` with a local Ray of its own and every S3 request through `proxy`:
+    its seconds and its result."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "AWS_ENDPOINT_URL": proxy.url}
+    env.pop("RAY_ADDRESS", None)
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - started, result
+
+
 def segment_run(upstream: str, bucket: str, share: float, model: str) -> dict:
     rates = dict.fromkeys(KINDS, share)
     small = 512 if share else None
@@ -113,11 +125,7 @@ def segment_run(upstream: str, bucket: str, share: float, model: str) -> dict:
         "--model", model, "--batch-size", "4", "--score-threshold", "0.3",
     ]  # fmt: skip
     with FlakyS3Proxy(upstream, rates, seed=11, small_range_bytes=small) as proxy:
-        env = {**os.environ, "PYTHONPATH": os.getcwd(), "AWS_ENDPOINT_URL": proxy.url}
-        env.pop("RAY_ADDRESS", None)
-        started = time.perf_counter()
-        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
-        seconds = time.perf_counter() - started
+        seconds, result = run_through(proxy, argv, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"jobs.segment failed at {share:.0%}: {result.stderr[-2000:]}")
     return {"seconds": seconds, "requests": proxy.requests, "failed": proxy.failures}
