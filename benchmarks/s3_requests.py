@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from s3_proxy import KINDS, FlakyS3Proxy, kind_of  # noqa: E402
-from s3_throttling import run_through  # noqa: E402
+from s3_throttling import moto_server, run_through  # noqa: E402
 
 from jobs.cli import OneLineParser, bounded  # noqa: E402
 
@@ -129,27 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
     import torch
-    from moto.server import ThreadedMotoServer
 
     from mrcnn import storage
     from mrcnn.model import build_model
     from mrcnn.model_folder import save_model_folder, spec_for
     from mrcnn.shapes import CATEGORIES
 
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ):
-        os.environ.setdefault(name, value)  # fmt: skip
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = f"http://{host}:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = upstream
-    try:
+    with moto_server() as upstream:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         client = boto3.client("s3", endpoint_url=upstream)
         client.create_bucket(Bucket=bucket)
@@ -170,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         assert committed_rows(output) == args.images
         finished = segment_run(upstream, bucket, output, model_uri)
         assert storage.exists(f"{output}/_SUCCESS.json")
-    finally:
-        server.stop()
 
     print(f"jobs.segment over {args.images:,} PNGs on S3 (input, model and output on S3), default flags:")
     report("fresh", fresh, args.images, args.images)

@@ -22,12 +22,14 @@ throughputs as a share of the clean one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -116,6 +118,29 @@ def run_through(
     return time.perf_counter() - started, result
 
 
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 with dummy credentials, for this process and every process it
+    starts (`AWS_ENDPOINT_URL`); yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ):
+        os.environ.setdefault(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+
+
 def segment_run(upstream: str, bucket: str, share: float, model: str) -> dict:
     rates = dict.fromkeys(KINDS, share)
     small = 512 if share else None
@@ -135,22 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import boto3
     import torch
-    from moto.server import ThreadedMotoServer
 
     from mrcnn import storage
     from mrcnn.categories import Category
     from mrcnn.model import build_model
     from mrcnn.model_folder import save_model_folder, spec_for
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
-        os.environ.setdefault(name, value)  # fmt: skip
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = f"http://{host}:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = upstream
-    try:
+    with moto_server() as upstream:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=upstream).create_bucket(Bucket=bucket)
         costs = storage_costs(upstream, bucket, args.objects, args.rounds)
@@ -161,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         model_uri = f"s3://{bucket}/model"
         save_model_folder(model, spec_for(model, (Category(1, "a"), Category(2, "b"))), model_uri)
         runs = {share: segment_run(upstream, bucket, share, model_uri) for share in (0.0, 0.05, 0.2)}
-    finally:
-        server.stop()
 
     seconds = costs["seconds"]
     print(f"storage, {args.objects} small objects written and read, clean store (best of {args.rounds}):")
